@@ -1,0 +1,116 @@
+"""Improved Consistency Training (Song & Dhariwal 2023, "Improved Techniques for Training Consistency Models").
+
+Per step k (ascending grid sigma_1 < ... < sigma_N, iCT sec. 3):
+    N = N(k) (doubling curriculum, eq. 7);  i ~ p(i) (discretized lognormal, eq. 10);  z ~ N(0, I)
+    loss = E[ lambda(sigma_i) d(f_theta(x0 + sigma_{i+1} z, sigma_{i+1}), f_theta-(x0 + sigma_i z, sigma_i)) ]
+with theta- = stopgrad(theta) (no EMA teacher), lambda = 1/(sigma_{i+1} - sigma_i) and d the pseudo-Huber distance on
+the per-sample L2 norm with c = 0.00054 sqrt(d). Student and teacher see the same z and the same dropout mask (the
+RNG state is replayed for the teacher pass). The evaluation EMA never enters the loss.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+from torch import nn
+
+from ..losses import get_distance, pseudo_huber_constant
+from ..parametrization import ConsistencyFunction
+from ..sigmas import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, RHO, ict_loss_weighting, ict_num_sigmas, karras_sigmas
+from ..sigmas import lognormal_index_probabilities
+from .base import TrainingMethod
+
+
+def _rng_devices(x: torch.Tensor) -> list:
+    return [x.device] if x.device.type == "cuda" else []
+
+
+class ImprovedConsistencyTraining(TrainingMethod):
+    method_name = "ict"
+
+    def __init__(
+        self,
+        backbone: nn.Module,
+        total_steps: int,
+        s0: int = 10,
+        s1: int = 1280,
+        p_mean: float = -1.1,
+        p_std: float = 2.0,
+        distance: str = "pseudo_huber",
+        huber_c: float | None = None,
+        sigma_min: float = SIGMA_MIN,
+        sigma_max: float = SIGMA_MAX,
+        sigma_data: float = SIGMA_DATA,
+        rho: float = RHO,
+    ):
+        super().__init__()
+        self.model = ConsistencyFunction(backbone, sigma_data=sigma_data, sigma_min=sigma_min)
+        self.total_steps = int(total_steps)
+        self.s0, self.s1 = int(s0), int(s1)
+        self.p_mean, self.p_std = float(p_mean), float(p_std)
+        self.distance_name = distance
+        self.distance = get_distance(distance)
+        self.huber_c = huber_c
+        self.sigma_min, self.sigma_max, self.sigma_data, self.rho = sigma_min, sigma_max, sigma_data, rho
+        ict_num_sigmas(0, self.total_steps, self.s0, self.s1)  # validates s0, s1, K early
+
+    # -- curriculum: a pure function of the step, so resume restores it -------------------------------------------
+    def num_sigmas(self, step: int) -> int:
+        return ict_num_sigmas(step, self.total_steps, self.s0, self.s1)
+
+    def noise_grid(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(sigmas ascending, pair probabilities, pair weights lambda) at ``step``."""
+        sigmas = karras_sigmas(self.num_sigmas(step), self.sigma_min, self.sigma_max, self.rho)
+        return sigmas, lognormal_index_probabilities(sigmas, self.p_mean, self.p_std), ict_loss_weighting(sigmas)
+
+    def trainable_groups(self) -> dict[str, nn.Module]:
+        return {"model": self.model}
+
+    def ema_modules(self) -> dict[str, nn.Module]:
+        return {"unet": self.model.backbone}
+
+    def forward(self, x0: torch.Tensor, step: int, group: str = "model") -> dict[str, torch.Tensor]:
+        sigmas, probs, weights = self.noise_grid(step)
+        index = torch.multinomial(probs, x0.shape[0], replacement=True)
+        sigma_teacher = sigmas[index].to(x0.device)
+        sigma_student = sigmas[index + 1].to(x0.device)
+        weight = weights[index].to(device=x0.device, dtype=torch.float32)
+        noise = torch.randn_like(x0)
+        shape = (-1,) + (1,) * (x0.ndim - 1)
+        x_student = x0 + sigma_student.to(x0.dtype).view(shape) * noise
+        x_teacher = x0 + sigma_teacher.to(x0.dtype).view(shape) * noise
+
+        # Replay the RNG for the teacher so dropout masks are shared (pitfall P2: save the state of the device the
+        # dropout runs on, not only the CPU generator).
+        devices = _rng_devices(x0)
+        cpu_state = torch.get_rng_state()
+        cuda_states = [torch.cuda.get_rng_state(d) for d in devices]
+        student = self.model(x_student, sigma_student)
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(cpu_state)
+            for d, s in zip(devices, cuda_states):
+                torch.cuda.set_rng_state(s, d)
+            with torch.no_grad():
+                teacher = self.model(x_teacher, sigma_teacher).detach()
+
+        kwargs = {}
+        if self.distance_name.startswith("pseudo_huber"):
+            kwargs["c"] = self.huber_c if self.huber_c is not None else pseudo_huber_constant(x0[0].numel())
+        distance = self.distance(student, teacher, **kwargs)
+        loss = (weight * distance).mean()
+        return {"loss": loss, "distance": distance.mean().detach(), "num_sigmas": torch.tensor(float(len(sigmas)))}
+
+    def build_pipeline(self, eval_modules: dict[str, nn.Module]):
+        from gensample.pipelines import ConsistencyPipeline
+        from ..schedulers import ConsistencyScheduler
+
+        scheduler = ConsistencyScheduler(
+            num_train_timesteps=self.num_sigmas(self.total_steps), sigma_min=self.sigma_min,
+            sigma_max=self.sigma_max, sigma_data=self.sigma_data, rho=self.rho,
+        )
+        return ConsistencyPipeline(unet=eval_modules["unet"], scheduler=scheduler)
+
+    def method_config(self) -> dict[str, Any]:
+        return dict(total_steps=self.total_steps, s0=self.s0, s1=self.s1, p_mean=self.p_mean, p_std=self.p_std,
+                    distance=self.distance_name, huber_c=self.huber_c, sigma_min=self.sigma_min,
+                    sigma_max=self.sigma_max, sigma_data=self.sigma_data, rho=self.rho)

@@ -1,0 +1,23 @@
+"""FID / KID evaluation on torchmetrics: feature extractors (digits CNN, FID Inception-v3), statistics files,
+``fid(...)``, a training-hook evaluator, and the ``gensample fid`` / ``fid-stats`` subcommands (``metrics.cli``)."""
+from .features import DigitsClassifier, DigitsFeatureExtractor, get_feature_extractor, load_digits_classifier
+from .fid import (
+    FeatureStats,
+    FIDEvaluator,
+    FIDResult,
+    digits_baselines,
+    extract_features,
+    feature_statistics,
+    fid,
+    file_sha256,
+    frechet_distance,
+    load_stats,
+    save_stats,
+)
+from .inception import FIDInceptionV3, load_fid_inception
+
+__all__ = [
+    "DigitsClassifier", "DigitsFeatureExtractor", "FIDInceptionV3", "FIDEvaluator", "FIDResult", "FeatureStats",
+    "digits_baselines", "extract_features", "feature_statistics", "fid", "file_sha256", "frechet_distance",
+    "get_feature_extractor", "load_digits_classifier", "load_fid_inception", "load_stats", "save_stats",
+]

@@ -1,0 +1,3 @@
+from .scheduling_consistency import ConsistencyScheduler, ConsistencySchedulerOutput
+
+__all__ = ["ConsistencyScheduler", "ConsistencySchedulerOutput"]
