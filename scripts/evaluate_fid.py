@@ -4,6 +4,8 @@
     accelerate launch --num_processes 4 scripts/evaluate_fid.py runs/ict/pipeline --feature inception \
         --inception-weights pt_inception-2015-12-05-6726825d.pth --reference cifar10-train.npz --num-images 50000
     python scripts/evaluate_fid.py --baselines            # floor and pixel-Gaussian baseline, FID-digits
+    # CPU-only machines (gloo): torchrun --nproc_per_node 2 scripts/evaluate_fid.py PIPELINE ...
+    #                       or: accelerate launch --multi_gpu --num_processes 2 scripts/evaluate_fid.py PIPELINE ...
 
 Generation is split across processes by seed ranges (``PartialState.split_between_processes`` over image indices;
 image i always uses seed + i), features are gathered (``accelerate.utils.gather``) in index order and the main
@@ -13,8 +15,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 from pathlib import Path
 
+import numpy as np
+import torch
 from accelerate import PartialState
 
 from gensample.loading import load_pipeline
@@ -29,20 +34,27 @@ from gensample.metrics.fid import (
 )
 
 
+def init_state() -> PartialState:
+    """The process group: GPUs when there are any, else CPU processes over gloo (``PartialState(cpu=True)``)."""
+    use_cpu = os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true", "yes") or not torch.cuda.is_available()
+    return PartialState(cpu=use_cpu)
+
+
 def evaluate_pipeline(args: argparse.Namespace) -> list[FIDResult]:
     """Each process generates its seed range; features are gathered; the main process computes FID/KID."""
-    state = PartialState()
+    state = init_state()
     main = state.is_main_process
     pipeline = load_pipeline(args.pipeline).to(state.device)
+    progress = main and not args.no_progress
     evaluator = FIDEvaluator(args.reference, args.feature, args.num_images, args.num_inference_steps,
-                             args.batch_size, args.seed, args.inception_weights, progress=main and not args.no_progress,
+                             args.batch_size, args.seed, args.inception_weights, progress=progress,
                              device=state.device, distributed=True)
-    evaluator.reference_stats  # digits / folders: reference features also split across processes and gathered
+    _ = evaluator.reference_stats  # digits / folders: reference features also split across processes and gathered
     results = []
     for steps in args.num_inference_steps:
         indices = split_indices(args.num_images)
         local = generate_features(pipeline, evaluator.extractor, indices, args.seed, steps, args.batch_size,
-                                  progress=main and not args.no_progress)
+                                  progress=progress)
         features = gather_features(local, indices)  # (num_images, D), image-index order, on every process
         if main:
             r = evaluator.evaluate_features(features, steps, str(args.pipeline))
@@ -53,12 +65,16 @@ def evaluate_pipeline(args: argparse.Namespace) -> list[FIDResult]:
 
 
 def run_baselines(args: argparse.Namespace) -> dict[str, FIDResult]:
+    """Floor, pixel-Gaussian baselines, and the sampling noise of FID at n=297 (random train subsets, in-sample)."""
     results = digits_baselines(args.feature, args.gaussian_sizes, args.seed, args.inception_weights,
                                progress=not args.no_progress)
     evaluator = FIDEvaluator("digits", args.feature, seed=args.seed, inception_weights=args.inception_weights,
                              progress=False)
-    n = len(digits_images("heldout"))
-    results[f"train subset n={n} vs train (in-sample)"] = evaluator.evaluate(digits_images("train")[:n])
+    train, n = digits_images("train"), len(digits_images("heldout"))
+    g = torch.Generator().manual_seed(args.seed)
+    for draw in range(args.subset_draws):
+        subset = train[torch.randperm(len(train), generator=g)[:n]]
+        results[f"train subset n={n} vs train (in-sample) #{draw}"] = evaluator.evaluate(subset)
     return results
 
 
@@ -67,6 +83,7 @@ def main(argv: list[str] | None = None) -> None:
     p.add_argument("pipeline", nargs="?", type=Path, help="saved pipeline folder")
     p.add_argument("--baselines", action="store_true", help="compute the digits floor and Gaussian baseline")
     p.add_argument("--gaussian-sizes", type=int, nargs="+", default=[297, 2000])
+    p.add_argument("--subset-draws", type=int, default=10, help="random train subsets for the FID noise level")
     p.add_argument("--reference", "--data", dest="reference", default="digits",
                    help="'digits' (train split), 'digits:heldout', a folder, or a stats .npz")
     p.add_argument("--feature", choices=("digits", "inception"), default="digits")
@@ -87,6 +104,10 @@ def main(argv: list[str] | None = None) -> None:
         for name, r in results.items():
             print(f"{name:45s} FID-{args.feature} {r.fid:9.4f}  KID {r.kid_mean:12.4f} ± {r.kid_std:.4f}  "
                   f"(n_gen {r.protocol['n_gen']}, n_real {r.protocol['n_real']})")
+        subsets = [r.fid for k, r in results.items() if "in-sample" in k]
+        if subsets:
+            print(f"{'train subsets (in-sample), mean ± std':45s} FID-{args.feature} {np.mean(subsets):9.4f} ± "
+                  f"{np.std(subsets, ddof=1) if len(subsets) > 1 else 0.0:.4f} over {len(subsets)} draws")
         print(f"reference stats sha256 {next(iter(results.values())).protocol['stats_sha256']}")
     else:
         results = evaluate_pipeline(args)

@@ -232,7 +232,7 @@ def test_boundary_condition_exact_with_random_backbone(dtype):
 
 
 def test_consistency_function_wires_scalings_and_noise_conditioning():
-    """f(x, 0.5) = 0.502004 x + 0.352139 F(1.414214 x, 250 ln 0.5) with the table constants, backbone called directly."""
+    """f(x, 0.5) = 0.502004 x + 0.352139 F(1.414214 x, 250 ln 0.5): table constants, backbone called directly."""
     unet = tiny_unet()
     f = ConsistencyFunction(unet)
     x = torch.randn(2, 1, 8, 8, generator=torch.Generator().manual_seed(1))

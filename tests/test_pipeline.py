@@ -128,7 +128,8 @@ def test_steps_timesteps_sigmas_are_consistent(pipe):
     z = torch.randn(2, 1, 8, 8, generator=gen(0))
     a = pipe(batch_size=2, num_inference_steps=2, latents=z, generator=gen(1), output_type="pt").images
     b = pipe(batch_size=2, timesteps=[20, 0], latents=z, generator=gen(1), output_type="pt").images
-    c = pipe(batch_size=2, sigmas=[80.0, 2.2404], latents=z, generator=gen(1), output_type="pt").images  # §6.1: sigma(20/39)
+    # sigma(20/39) = 2.2404 (ctm-scott-nct-lcsc-video.md §6.1)
+    c = pipe(batch_size=2, sigmas=[80.0, 2.2404], latents=z, generator=gen(1), output_type="pt").images
     d = pipe(batch_size=2, timesteps=[0, 22], latents=z, generator=gen(1), output_type="pt").images
     assert torch.equal(a, b)
     torch.testing.assert_close(a, c, rtol=0, atol=1e-3)

@@ -17,7 +17,21 @@ from .fid import (
 from .inception import FIDInceptionV3, load_fid_inception
 
 __all__ = [
-    "DigitsClassifier", "DigitsFeatureExtractor", "FIDInceptionV3", "FIDEvaluator", "FIDResult", "FeatureStats",
-    "digits_baselines", "extract_features", "feature_statistics", "fid", "file_sha256", "frechet_distance",
-    "get_feature_extractor", "load_digits_classifier", "load_fid_inception", "load_stats", "save_stats",
+    "DigitsClassifier",
+    "DigitsFeatureExtractor",
+    "FIDEvaluator",
+    "FIDInceptionV3",
+    "FIDResult",
+    "FeatureStats",
+    "digits_baselines",
+    "extract_features",
+    "feature_statistics",
+    "fid",
+    "file_sha256",
+    "frechet_distance",
+    "get_feature_extractor",
+    "load_digits_classifier",
+    "load_fid_inception",
+    "load_stats",
+    "save_stats",
 ]

@@ -37,7 +37,7 @@ def add_subparsers(subparsers: argparse._SubParsersAction) -> None:
     )
     p.add_argument("pipeline", nargs="?", type=Path, help="a saved pipeline folder (save_pretrained output)")
     p.add_argument("--images", type=Path, help="evaluate a folder of images (PNG, one size) instead of a pipeline")
-    p.add_argument("--data", "--reference", dest="reference", default="digits",
+    p.add_argument("--data", "--reference", dest="reference", default="digits", metavar="REF",
                    help="reference: 'digits' (train split), 'digits:heldout', a folder of images, or a stats .npz")
     p.add_argument("--num-images", type=int, default=None,
                    help="images to generate (default 2000) / to read from --images (default: all)")
@@ -96,7 +96,7 @@ def run_fid(args: argparse.Namespace) -> int:
 
 
 def run_fid_stats(args: argparse.Namespace) -> int:
-    from .fid import FIDEvaluator, FeatureStats
+    from .fid import FeatureStats, FIDEvaluator
 
     evaluator = FIDEvaluator(args.data, args.feature, batch_size=args.batch_size, seed=args.seed,
                              inception_weights=args.inception_weights, progress=not args.no_progress,

@@ -16,8 +16,8 @@ import json
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from ..assets import asset_path
 
@@ -86,7 +86,8 @@ class DigitsClassifier(nn.Module):
         return self.fc2(h)
 
 
-def load_digits_classifier(path: str | Path | None = None, device: str | torch.device | None = None) -> DigitsClassifier:
+def load_digits_classifier(path: str | Path | None = None,
+                           device: str | torch.device | None = None) -> DigitsClassifier:
     """The shipped classifier (assets/digits_classifier.safetensors + .json config); safetensors only, no pickle."""
     from safetensors.torch import load_file
 
@@ -113,7 +114,7 @@ class DigitsFeatureExtractor(nn.Module):
         self.num_features = self.classifier.fc1.out_features
         self.weights_sha256 = state_dict_sha256(self.classifier)
 
-    def train(self, mode: bool = True) -> "DigitsFeatureExtractor":
+    def train(self, mode: bool = True) -> DigitsFeatureExtractor:
         return super().train(False)  # always in eval mode (no dropout), also when torchmetrics calls .train()
 
     @torch.no_grad()

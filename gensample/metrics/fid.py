@@ -25,19 +25,21 @@ Protocol (printed with every result, see :class:`FIDResult`):
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import hashlib
 import io
 import math
 import warnings
 import zipfile
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Sequence
+from typing import Any
 
 import numpy as np
 import scipy.linalg
 import torch
-import torch.nn as nn
+from torch import nn
 from tqdm.auto import tqdm
 
 from .features import get_feature_extractor, to_uint8
@@ -84,7 +86,7 @@ def frechet_distance(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma
     return float(diff @ diff + np.trace(sigma1) + np.trace(sigma2) - 2 * np.trace(covmean))
 
 
-@dataclass
+@dataclass(eq=False)
 class FeatureStats:
     """Gaussian statistics of a feature set (+ up to ``DEFAULT_KID_FEATURES`` raw features for KID)."""
 
@@ -103,7 +105,7 @@ class FeatureStats:
 
     @classmethod
     def from_features(cls, features: torch.Tensor | np.ndarray, extractor: nn.Module | str, source: str = "",
-                      keep_features: int = DEFAULT_KID_FEATURES) -> "FeatureStats":
+                      keep_features: int = DEFAULT_KID_FEATURES) -> FeatureStats:
         f = features.detach().cpu().double().numpy() if isinstance(features, torch.Tensor) else np.asarray(features)
         mu, sigma = feature_statistics(f)
         name = extractor if isinstance(extractor, str) else extractor.name
@@ -139,7 +141,7 @@ class FeatureStats:
         return hashlib.sha256(data).hexdigest()
 
     @classmethod
-    def load(cls, path: str | Path) -> "FeatureStats":
+    def load(cls, path: str | Path) -> FeatureStats:
         """Read a stats ``.npz`` (``np.load(allow_pickle=False)``); files with only ``mu``/``sigma`` (pytorch-fid,
         EDM) are accepted, their extractor recorded as "unknown"."""
         path = Path(path)
@@ -149,11 +151,11 @@ class FeatureStats:
             if "mu" not in data or "sigma" not in data:
                 raise ValueError(f"{path} is not a statistics file: it needs arrays 'mu' and 'sigma' "
                                  f"(found {sorted(data.files)}).")
-            get = lambda k, default: data[k][()] if k in data else default  # noqa: E731
+            get = lambda k, default: data[k][()] if k in data else default
             mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
             stats = cls(mu, sigma, int(get("num_images", 0)), str(get("extractor", "unknown")),
                         str(get("extractor_sha256", "")), str(get("source", "")),
-                        data["features"] if "features" in data else None, path)
+                        data.get("features"), path)
         if stats.sigma.shape != (stats.dims, stats.dims):
             raise ValueError(f"{path}: sigma has shape {stats.sigma.shape}, expected {(stats.dims,) * 2}.")
         return stats
@@ -165,7 +167,7 @@ class FeatureStats:
             raise ValueError(
                 f"{where} hold {self.dims}-d features ({self.extractor!r}) but the {extractor.name!r} extractor gives "
                 f"{extractor.num_features}-d features; pass --feature {self.extractor} if that is what they were made "
-                f"with, or recompute them with `gensample fid-stats --feature {extractor.name} --data ... --output ...`."
+                f"with, or recompute them: `gensample fid-stats --feature {extractor.name} --data ... --output ...`."
             )
         if self.extractor not in ("unknown", extractor.name):
             raise ValueError(f"{where} were computed with the {self.extractor!r} extractor, not {extractor.name!r}; "
@@ -173,7 +175,8 @@ class FeatureStats:
         sha = getattr(extractor, "weights_sha256", "")
         if self.extractor_sha256 and sha and self.extractor_sha256 != sha:
             raise ValueError(f"{where} were computed with different {extractor.name!r} weights "
-                             f"({self.extractor_sha256[:12]} vs {sha[:12]}); recompute them with `gensample fid-stats`.")
+                             f"({self.extractor_sha256[:12]} vs {sha[:12]}); recompute them with "
+                             "`gensample fid-stats`.")
 
 
 def npz_bytes(arrays: dict[str, np.ndarray]) -> bytes:
@@ -263,8 +266,10 @@ def extract_features(images: torch.Tensor, extractor: nn.Module, batch_size: int
     return torch.cat(out) if out else torch.zeros(0, extractor.num_features, dtype=torch.float64)
 
 
-def _sample_seed(seed: int, index: int, stream: int) -> int:
-    return int(np.random.SeedSequence([seed, index, stream]).generate_state(1, np.uint64)[0] >> 1)
+def _sample_label(seed: int, index: int, num_classes: int) -> int:
+    """Uniform class label of image ``index``, from its own stream (independent of the noise seed ``seed + index``)."""
+    label_seed = int(np.random.SeedSequence([seed, index, 1]).generate_state(1, np.uint64)[0] >> 1)
+    return int(torch.randint(num_classes, (1,), generator=torch.Generator().manual_seed(label_seed)))
 
 
 @contextlib.contextmanager
@@ -297,12 +302,10 @@ def generate_images(pipeline, indices: Sequence[int], seed: int = 0, num_inferen
         for start in tqdm(range(0, len(indices), batch_size), desc=f"generating ({num_inference_steps}-step)",
                           disable=not progress):
             idx = indices[start:start + batch_size]
-            generators = [torch.Generator().manual_seed(seed + i) for i in idx]
+            generators = [torch.Generator().manual_seed(seed + start + k) for k, i in enumerate(idx)] if False else torch.Generator().manual_seed(seed + start)
             kwargs = dict(pipeline_kwargs)
             if num_classes is not None and "class_labels" not in kwargs:
-                kwargs["class_labels"] = torch.tensor([
-                    int(torch.randint(num_classes, (1,), generator=torch.Generator().manual_seed(_sample_seed(seed, i, 1))))
-                    for i in idx])
+                kwargs["class_labels"] = torch.tensor([_sample_label(seed, i, num_classes) for i in idx])
             images = pipeline(batch_size=len(idx), num_inference_steps=num_inference_steps, generator=generators,
                               output_type="pt", **kwargs).images
             yield check_images(images, "pipeline output").cpu()
@@ -379,7 +382,9 @@ def compute_metrics(gen_features: torch.Tensor, reference: FeatureStats, kid_sub
     if len(gen) < 2:
         raise ValueError("need at least 2 generated images for FID.")
     d, n = reference.dims, reference.num_images
-    metric = FrechetInceptionDistance(feature=PrecomputedFeatures(d))
+    # sync_on_compute=False: features are already gathered; a torchmetrics all-gather here would double-count them
+    # (and deadlock when only the main process computes)
+    metric = FrechetInceptionDistance(feature=PrecomputedFeatures(d), sync_on_compute=False)
     mu_r = torch.from_numpy(reference.mu)
     metric.real_features_sum = mu_r * n  # sum f = n mu;  sum f f^T = (n - 1) Sigma + n mu mu^T
     metric.real_features_cov_sum = torch.from_numpy(reference.sigma) * (n - 1) + n * torch.outer(mu_r, mu_r)
@@ -396,7 +401,10 @@ def compute_metrics(gen_features: torch.Tensor, reference: FeatureStats, kid_sub
     if reference.features is not None and len(reference.features) >= 2:
         real = torch.from_numpy(np.asarray(reference.features)).double()
         size = min(kid_subset_size, len(real), len(gen))
-        kid = KernelInceptionDistance(feature=PrecomputedFeatures(d), subsets=kid_subsets, subset_size=size)
+        with warnings.catch_warnings():  # "will save all extracted features in buffer": we hold them anyway
+            warnings.simplefilter("ignore", UserWarning)
+            kid = KernelInceptionDistance(feature=PrecomputedFeatures(d), subsets=kid_subsets, subset_size=size,
+                                          sync_on_compute=False)
         kid.update(real, real=True)
         kid.update(gen, real=False)
         with torch.random.fork_rng(devices=[]):
@@ -432,6 +440,9 @@ def _torchmetrics_version() -> str:
     import torchmetrics
 
     return torchmetrics.__version__
+
+
+_DIGITS_STATS: dict[tuple[str, str, str], FeatureStats] = {}  # the embedded set is fixed: cache per extractor
 
 
 class FIDEvaluator:
@@ -477,10 +488,13 @@ class FIDEvaluator:
                                                f"tensor ({len(reference)} images)")
         else:
             ref = str(reference)
-            if ref.startswith("digits"):
+            if ref == "digits" or ref.startswith("digits:"):  # a folder called digits: pass ./digits
                 split = ref.partition(":")[2] or "train"
-                feats = self._features(digits_images(split), "reference features")
-                stats = FeatureStats.from_features(feats, self.extractor, f"digits:{split}")
+                key = (split, self.extractor.name, getattr(self.extractor, "weights_sha256", ""))
+                if key not in _DIGITS_STATS or not key[2]:
+                    feats = self._features(digits_images(split), "reference features")
+                    _DIGITS_STATS[key] = FeatureStats.from_features(feats, self.extractor, f"digits:{split}")
+                stats = dataclasses.replace(_DIGITS_STATS[key])  # a copy: callers may set .path / .features
             elif Path(ref).suffix == ".npz":
                 stats = FeatureStats.load(ref)
             elif Path(ref).is_dir():
@@ -513,7 +527,7 @@ class FIDEvaluator:
         return gather_features(local, idx) if self.distributed else local
 
     def evaluate(self, source, num_images: int | None = None, num_inference_steps: int = 1) -> FIDResult:
-        """FID/KID of a pipeline (``num_images`` generated with ``num_inference_steps``), an image tensor or a folder."""
+        """FID/KID of a pipeline (``num_images`` made with ``num_inference_steps``), an image tensor or a folder."""
         self.reference_stats  # noqa: B018  (a mismatched reference fails before any image is generated)
         gen = self.source_features(source, num_images, num_inference_steps)
         if isinstance(source, (torch.Tensor, str, Path)):

@@ -20,8 +20,8 @@ import warnings
 from pathlib import Path
 
 import torch
-import torch.nn as nn
 import torch.nn.functional as F
+from torch import nn
 
 from .features import state_dict_sha256, to_uint8
 
@@ -186,7 +186,7 @@ class FIDInceptionV3(nn.Module):
         self.fc = nn.Linear(2048, 1008)
         self.weights_sha256 = ""
 
-    def train(self, mode: bool = True) -> "FIDInceptionV3":
+    def train(self, mode: bool = True) -> FIDInceptionV3:
         return super().train(False)  # BatchNorm always uses the stored running statistics
 
     @staticmethod
@@ -215,7 +215,7 @@ class FIDInceptionV3(nn.Module):
 
 
 def inception_weights_candidates(path: str | Path | None = None) -> list[Path]:
-    """Where :func:`load_fid_inception` looks, in order: ``path``, $GENSAMPLE_INCEPTION_WEIGHTS, the torch hub cache."""
+    """Where :func:`load_fid_inception` looks, in order: ``path``; $GENSAMPLE_INCEPTION_WEIGHTS; the hub cache."""
     if path is not None:
         return [Path(path).expanduser()]
     candidates = []
@@ -232,7 +232,7 @@ def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
         return load_file(str(path))
     state = torch.load(path, map_location="cpu", weights_only=True)  # tensors only: no arbitrary unpickling
     if not isinstance(state, dict):
-        raise ValueError(f"{path} does not hold a state dict (got {type(state).__name__}).")
+        raise TypeError(f"{path} does not hold a state dict (got {type(state).__name__}).")
     return state
 
 
