@@ -59,7 +59,8 @@ class ConsistencyFunction(nn.Module):
     """f_theta(x, sigma) = c_skip(sigma) x + c_out(sigma) F_theta(c_in(sigma) x, c_noise(sigma)).
 
     ``backbone`` is any callable ``F(x, timestep) -> tensor`` or a diffusers model returning an output with ``.sample``
-    (UNet2DModel). Scalings are computed in float64 and cast to the input dtype, so f(x, sigma_min) = x exactly.
+    (UNet2DModel). Scalings are computed in float64 and cast to the input dtype, so f(x, sigma_min) = x exactly
+    when sigma is a Python float or a float64 tensor (a float32 0.002 is not exactly sigma_min).
     """
 
     def __init__(self, backbone: nn.Module, sigma_data: float = SIGMA_DATA, sigma_min: float = SIGMA_MIN):

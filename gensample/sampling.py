@@ -55,7 +55,7 @@ def sample_consistency(
 
     x = sigmas[0] * noise; for each sigma_i: x0 = f(x, sigma_i) (clamped); x = x0 + sqrt(sigma_{i+1}^2 - sigma_min^2) z.
     One sigma gives 1-step sampling f(sigma_max z, sigma_max). Fresh noise z is drawn from ``generator`` only between
-    steps, in the order openai/consistency_models' ``stochastic_iterative_sampler`` draws it.
+    steps (openai's ``stochastic_iterative_sampler`` also draws one unused z after the last step).
     """
     sigmas = torch.as_tensor(sigmas, dtype=torch.float64).flatten()
     if len(sigmas) < 1:

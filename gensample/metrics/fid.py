@@ -302,7 +302,7 @@ def generate_images(pipeline, indices: Sequence[int], seed: int = 0, num_inferen
         for start in tqdm(range(0, len(indices), batch_size), desc=f"generating ({num_inference_steps}-step)",
                           disable=not progress):
             idx = indices[start:start + batch_size]
-            generators = [torch.Generator().manual_seed(seed + start + k) for k, i in enumerate(idx)] if False else torch.Generator().manual_seed(seed + start)
+            generators = [torch.Generator().manual_seed(seed + i) for i in idx]
             kwargs = dict(pipeline_kwargs)
             if num_classes is not None and "class_labels" not in kwargs:
                 kwargs["class_labels"] = torch.tensor([_sample_label(seed, i, num_classes) for i in idx])

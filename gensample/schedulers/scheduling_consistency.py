@@ -4,9 +4,9 @@ Differences from diffusers' ``CMStochasticIterativeScheduler`` (same math otherw
 both give the same samples for the same UNet, latents and generator):
 
 * ``step`` returns ``(prev_sample, denoised)``; diffusers computes ``denoised`` but drops it.
-* fresh noise is drawn only when the next level is above sigma_min, as openai/consistency_models'
-  ``stochastic_iterative_sampler`` does; diffusers also draws (and multiplies by zero) on the last step, so the two
-  consume a shared generator differently *after* sampling.
+* fresh noise is drawn only when the next level is above sigma_min. openai/consistency_models'
+  ``stochastic_iterative_sampler`` and diffusers (for 2+ steps) also draw it on the last step and multiply it by zero,
+  so samples are identical but a shared generator is one draw further along after their loops.
 * ``set_timesteps`` also takes explicit ``sigmas``; ``timesteps`` (Karras grid indices, as openai's ``ts``) may be
   given in either order, and invalid values raise errors that say what to pass.
 * the step index is a counter reset by ``set_timesteps``, not a search by equality on float timesteps.
