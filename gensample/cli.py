@@ -40,6 +40,8 @@ def _add_train_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--report-to", default=None, help="accelerate tracker: tensorboard, wandb, ...")
     p.add_argument("--resume", nargs="?", const="latest", default=None,
                    help="continue a stopped run: 'latest' (default) or a checkpoint-N folder")
+    p.add_argument("--fid-every", type=int, default=0, help="log FID-digits of the EMA model every N steps")
+    p.add_argument("--fid-num-images", type=_positive_int, default=500)
     p.add_argument("--cpu", action="store_true", help="force CPU even where a GPU exists")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true")
@@ -76,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo.add_argument("--output", default="runs/demo")
     demo.add_argument("--train-steps", type=_positive_int, default=100)
     demo.add_argument("--pipeline", default=None, help="pipeline to start from (default: the shipped ict-digits)")
+    demo.add_argument("--fid-num-images", type=_positive_int, default=1000)
     demo.set_defaults(func=cmd_demo)
 
     try:
@@ -137,7 +140,15 @@ def cmd_train_ict(args) -> dict:
         unet, total_steps=args.curriculum_steps or args.max_steps, s0=args.s0, s1=args.s1, p_mean=args.p_mean,
         p_std=args.p_std, distance=args.distance)
     params = sum(p.numel() for p in unet.parameters())
-    trainer = Trainer(method, data, _train_config(args, {"unet_parameters": params, "data": args.data}))
+    evaluate = None
+    if args.fid_every:
+        from .metrics.fid import FIDEvaluator
+
+        fid_eval = FIDEvaluator(reference="digits" if args.data == "digits" else args.data, feature="digits",
+                                num_images=args.fid_num_images, steps=(1, 2), progress=False)
+        evaluate = fid_eval
+    trainer = Trainer(method, data, _train_config(args, {"unet_parameters": params, "data": args.data}),
+                      evaluate=evaluate, evaluate_every=args.fid_every)
     summary = trainer.train(resume=False if args.resume is None else (True if args.resume == "latest" else args.resume))
     if trainer.accelerator.is_main_process:
         print(json.dumps(summary, indent=1))
@@ -188,7 +199,7 @@ def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     try:
-        args.func(args)
+        result = args.func(args)
     except (ValueError, FileNotFoundError, RuntimeError) as e:
         from .training.checkpoint import CheckpointError
 
@@ -196,7 +207,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"gensample: error: {e}", file=sys.stderr)
             return 2
         raise
-    return 0
+    return result if isinstance(result, int) else 0
 
 
 if __name__ == "__main__":

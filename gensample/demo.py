@@ -17,16 +17,14 @@ from .assets import asset_path
 from .images import save_image_grid
 
 
-def _fid_report(pipe, steps: tuple[int, ...], num_images: int) -> dict | None:
-    try:
-        from .metrics import fid as fid_module
-    except ImportError:
-        return None
+def _fid_report(pipe, steps: tuple[int, ...], num_images: int) -> dict:
+    from .metrics.fid import fid as compute_fid
+
     results = {}
     for n in steps:
-        r = fid_module.fid(pipe, "digits", feature="digits", num_images=num_images, num_inference_steps=n, seed=0,
+        r = compute_fid(pipe, "digits", feature="digits", num_images=num_images, num_inference_steps=n, seed=0,
                            progress=True)
-        results[f"{n}-step"] = float(r["fid"] if isinstance(r, dict) else r.fid)
+        results[f"{n}-step"] = round(float(r.fid), 2)
     return results
 
 
@@ -69,17 +67,16 @@ def run_demo(args) -> dict:
                            "loss_curve": str(run_dir / "loss.png"), "checkpoints": str(run_dir / "checkpoints")}
 
     print("[demo] 4/4 FID-digits (embedded digits feature net; reference: train split)")
-    fids = _fid_report(pipe, (1, 2), num_images=1000)
-    if fids is not None:
-        summary["fid_digits_shipped"] = fids
-        try:
-            from .metrics.fid import baseline_report
+    fids = _fid_report(pipe, (1, 2), num_images=args.fid_num_images)
+    summary["fid_digits_shipped"] = fids
+    from .metrics.fid import digits_baselines
 
-            summary["fid_digits_reference_points"] = baseline_report()
-        except (ImportError, AttributeError):
-            pass
-    else:
-        print("[demo]   gensample.metrics not available: FID skipped")
+    points = digits_baselines(gaussian_sizes=(args.fid_num_images,))
+    summary["fid_digits_reference_points"] = {k: round(v.fid, 2) for k, v in points.items()}
+    for k, v in fids.items():
+        print(f"[demo]   shipped iCT {k}: FID-digits {v:.2f} (n={args.fid_num_images} vs digits train split)")
+    for k, v in summary["fid_digits_reference_points"].items():
+        print(f"[demo]   reference point, {k}: FID-digits {v:.2f}")
     summary["total_seconds"] = round(time.time() - t_start, 1)
     (out / "demo_summary.json").write_text(json.dumps(summary, indent=1))
     print("[demo] done:\n" + json.dumps(summary, indent=1))
