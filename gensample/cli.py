@@ -62,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     ict.add_argument("--p-std", type=float, default=2.0)
     ict.add_argument("--distance", default="pseudo_huber", choices=["pseudo_huber", "pseudo_huber_elementwise", "l2"])
     ict.set_defaults(func=cmd_train_ict)
+    from .cli_edm import add_train_subparsers as add_edm_train_subparsers  # lazy: cli_edm imports from this module
+    add_edm_train_subparsers(train_sub)
 
     sample = sub.add_parser("sample", help="sample a grid from a saved pipeline")
     sample.add_argument("pipeline", help="folder written by save_pretrained (e.g. runs/ict/pipeline)")

@@ -1,4 +1,5 @@
 """diffusers pipelines of gensample, installed as ``gensample.pipelines``."""
 from .pipeline_consistency import ConsistencyPipeline
+from .pipeline_edm import EDMPipeline
 
-__all__ = ["ConsistencyPipeline"]
+__all__ = ["ConsistencyPipeline", "EDMPipeline"]

@@ -1,4 +1,5 @@
 from .base import TrainingMethod
+from .edm import EDMTraining
 from .ict import ImprovedConsistencyTraining
 
-__all__ = ["TrainingMethod", "ImprovedConsistencyTraining"]
+__all__ = ["TrainingMethod", "ImprovedConsistencyTraining", "EDMTraining"]

@@ -1,3 +1,4 @@
 from .scheduling_consistency import ConsistencyScheduler, ConsistencySchedulerOutput
+from .scheduling_edm_heun import EDMHeunScheduler, EDMHeunSchedulerOutput
 
-__all__ = ["ConsistencyScheduler", "ConsistencySchedulerOutput"]
+__all__ = ["ConsistencyScheduler", "ConsistencySchedulerOutput", "EDMHeunScheduler", "EDMHeunSchedulerOutput"]
