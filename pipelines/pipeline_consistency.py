@@ -10,6 +10,8 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from gensample.schedulers import ConsistencyScheduler
 
+from .fast_sampling import FastSamplingMixin
+
 EXAMPLE_DOC_STRING = """
     Examples:
         ```py
@@ -23,7 +25,7 @@ EXAMPLE_DOC_STRING = """
 """
 
 
-class ConsistencyPipeline(DiffusionPipeline):
+class ConsistencyPipeline(DiffusionPipeline, FastSamplingMixin):
     r"""Few-step sampling from a consistency model f(x, sigma) = c_skip x + c_out F(c_in x, c_noise) (CM, Algorithm 1).
 
     Components:

@@ -22,8 +22,9 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from ..parametrization import input_scaling, noise_conditioning
-from ..sampling import consistency_step, default_sampling_sigmas
+from ..parametrization import noise_conditioning
+from ..kernels import consistency_step, scale_model_input
+from ..sampling import default_sampling_sigmas
 from ..sigmas import karras_sigma_at_index
 
 
@@ -142,7 +143,7 @@ class ConsistencyScheduler(SchedulerMixin, ConfigMixin):
 
     def scale_model_input(self, sample: torch.Tensor, timestep: float | torch.Tensor | None = None) -> torch.Tensor:
         """c_in(sigma) * x for the current step."""
-        return sample * input_scaling(self._sigma(), self.config.sigma_data).to(sample.dtype)
+        return scale_model_input(sample, self._sigma(), self.config.sigma_data)
 
     def step(
         self,
