@@ -61,6 +61,8 @@ def build_parser() -> argparse.ArgumentParser:
     ict.add_argument("--p-mean", type=float, default=-1.1)
     ict.add_argument("--p-std", type=float, default=2.0)
     ict.add_argument("--distance", default="pseudo_huber", choices=["pseudo_huber", "pseudo_huber_elementwise", "l2"])
+    ict.add_argument("--sampling-sigmas", type=float, nargs="+", default=None,
+                     help="tuned few-step schedule saved with the pipeline, e.g. 80 1.5")
     ict.set_defaults(func=cmd_train_ict)
     from .cli_edm import add_train_subparsers as add_edm_train_subparsers  # lazy: cli_edm imports from this module
     add_edm_train_subparsers(train_sub)
@@ -140,7 +142,7 @@ def cmd_train_ict(args) -> dict:
     data, unet = _load_data_and_unet(args)
     method = ImprovedConsistencyTraining(
         unet, total_steps=args.curriculum_steps or args.max_steps, s0=args.s0, s1=args.s1, p_mean=args.p_mean,
-        p_std=args.p_std, distance=args.distance)
+        p_std=args.p_std, distance=args.distance, sampling_sigmas=args.sampling_sigmas)
     params = sum(p.numel() for p in unet.parameters())
     evaluate = None
     if args.fid_every:

@@ -377,3 +377,19 @@ def test_add_noise_scalar_and_per_sample():
     torch.testing.assert_close(sched.add_noise(x0, z, 0.37), x0 + 0.37 * z)
     # dtype follows the samples
     assert sched.add_noise(x0.double(), z.double(), sig).dtype == torch.float64
+
+
+def test_recorded_sampling_sigmas_drive_num_inference_steps(tmp_path):
+    from gensample.schedulers import ConsistencyScheduler as Sched
+
+    sched = Sched(num_train_timesteps=1281, sampling_sigmas=[80.0, 1.5])
+    sched.set_timesteps(2)
+    assert sched.sigmas.tolist() == [80.0, 1.5, 0.002]
+    sched.set_timesteps(3)  # longer than the recorded schedule: the grid-index rule
+    assert sched.sigmas[1].item() != 1.5 and len(sched.sigmas) == 4
+    sched.save_pretrained(tmp_path)
+    again = Sched.from_pretrained(tmp_path)
+    again.set_timesteps(2)
+    assert again.sigmas.tolist() == [80.0, 1.5, 0.002]
+    with pytest.raises(ValueError, match="sampling_sigmas"):
+        Sched(sampling_sigmas=[1.0, 2.0])

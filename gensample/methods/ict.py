@@ -42,8 +42,10 @@ class ImprovedConsistencyTraining(TrainingMethod):
         sigma_max: float = SIGMA_MAX,
         sigma_data: float = SIGMA_DATA,
         rho: float = RHO,
+        sampling_sigmas: list[float] | None = None,
     ):
         super().__init__()
+        self.sampling_sigmas = None if sampling_sigmas is None else [float(x) for x in sampling_sigmas]
         self.model = ConsistencyFunction(backbone, sigma_data=sigma_data, sigma_min=sigma_min)
         self.total_steps = int(total_steps)
         self.s0, self.s1 = int(s0), int(s1)
@@ -106,7 +108,7 @@ class ImprovedConsistencyTraining(TrainingMethod):
 
         scheduler = ConsistencyScheduler(
             num_train_timesteps=self.num_sigmas(self.total_steps), sigma_min=self.sigma_min,
-            sigma_max=self.sigma_max, sigma_data=self.sigma_data, rho=self.rho,
+            sigma_max=self.sigma_max, sigma_data=self.sigma_data, rho=self.rho, sampling_sigmas=self.sampling_sigmas,
         )
         return ConsistencyPipeline(unet=eval_modules["unet"], scheduler=scheduler)
 

@@ -47,6 +47,9 @@ class ConsistencyScheduler(SchedulerMixin, ConfigMixin):
         rho (`float`, 7.0): EDM constants.
         s_noise (`float`, defaults to 1.0): scale of the fresh noise (1.0 = Algorithm 1).
         clip_denoised (`bool`, defaults to True): clamp each clean estimate to [-1, 1].
+        sampling_sigmas (`list[float]`, *optional*): a tuned schedule recorded with a model (e.g. `[80.0, 1.5]`, as
+            iCT tunes its 2-step intermediate sigma). When set, `set_timesteps(num_inference_steps=n)` with
+            n <= len(sampling_sigmas) uses its first n entries instead of the grid-index rule.
     """
 
     order = 1
@@ -61,11 +64,16 @@ class ConsistencyScheduler(SchedulerMixin, ConfigMixin):
         rho: float = 7.0,
         s_noise: float = 1.0,
         clip_denoised: bool = True,
+        sampling_sigmas: list[float] | None = None,
     ):
         if num_train_timesteps < 2:
             raise ValueError(f"num_train_timesteps must be >= 2, got {num_train_timesteps}.")
         if not 0 < sigma_min < sigma_max:
             raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}.")
+        if sampling_sigmas is not None:
+            ss = list(sampling_sigmas)
+            if not ss or any(b >= a for a, b in zip(ss, ss[1:])) or ss[-1] <= sigma_min or ss[0] > sigma_max:
+                raise ValueError(f"`sampling_sigmas` must be strictly descending in (sigma_min, sigma_max], got {ss}.")
         self.init_noise_sigma = sigma_max
         self.num_inference_steps: int | None = None
         self._step_index: int | None = None
@@ -108,8 +116,12 @@ class ConsistencyScheduler(SchedulerMixin, ConfigMixin):
                     f"`num_inference_steps` ({num_inference_steps}) cannot exceed `num_train_timesteps` "
                     f"({cfg.num_train_timesteps}); pass explicit `sigmas` for a finer schedule."
                 )
-            sampling = default_sampling_sigmas(num_inference_steps, cfg.num_train_timesteps, cfg.sigma_min,
-                                               cfg.sigma_max, cfg.rho)
+            tuned = cfg.get("sampling_sigmas") if hasattr(cfg, "get") else None
+            if tuned is not None and num_inference_steps <= len(tuned):
+                sampling = torch.tensor(tuned[:num_inference_steps], dtype=torch.float64)
+            else:
+                sampling = default_sampling_sigmas(num_inference_steps, cfg.num_train_timesteps, cfg.sigma_min,
+                                                   cfg.sigma_max, cfg.rho)
         elif timesteps is not None:
             idx = sorted(int(t) for t in timesteps)
             if not idx or len(set(idx)) != len(idx) or idx[0] < 0 or idx[-1] >= cfg.num_train_timesteps - 1:
