@@ -66,11 +66,18 @@ def build_parser() -> argparse.ArgumentParser:
     ict.set_defaults(func=cmd_train_ict)
     from .cli_edm import add_train_subparsers as add_edm_train_subparsers  # lazy: cli_edm imports from this module
     add_edm_train_subparsers(train_sub)
+    from .cli_ctm import add_train_subparsers as add_ctm_train_subparsers  # lazy, as cli_edm
+    add_ctm_train_subparsers(train_sub)
 
     sample = sub.add_parser("sample", help="sample a grid from a saved pipeline")
     sample.add_argument("pipeline", help="folder written by save_pretrained (e.g. runs/ict/pipeline)")
     sample.add_argument("--num-inference-steps", type=_positive_int, default=1)
     sample.add_argument("--sigmas", type=float, nargs="+", default=None, help="explicit descending noise levels")
+    sample.add_argument("--gamma", type=float, default=None,
+                        help="CTM pipelines: gamma-sampling noise in [0, 1] (0 = deterministic jumps, 1 = CM "
+                             "multistep; default: the pipeline's configured gamma)")
+    sample.add_argument("--sampler", choices=["gamma", "heun"], default=None,
+                        help="CTM pipelines: 'gamma' (default) or 'heun' (EDM Heun on g(x, t, t), NFE 2n - 1)")
     sample.add_argument("--num-images", type=_positive_int, default=64)
     sample.add_argument("--batch-size", type=_positive_int, default=256)
     sample.add_argument("--seed", type=int, default=0)
@@ -177,6 +184,17 @@ def cmd_sample(args) -> Path:
 
     pipe = load_pipeline(args.pipeline)
     kwargs = {"sigmas": args.sigmas} if args.sigmas else {"num_inference_steps": args.num_inference_steps}
+    ctm_kwargs = {k: v for k, v in (("gamma", args.gamma), ("sampler", args.sampler)) if v is not None}
+    if ctm_kwargs:
+        from .pipelines.pipeline_ctm import CTMPipeline
+        from .schedulers.scheduling_ctm import check_gamma
+
+        if not isinstance(pipe, CTMPipeline):
+            raise ValueError(f"--gamma/--sampler apply to CTM pipelines only; {args.pipeline} holds a "
+                             f"{type(pipe).__name__}.")
+        if "gamma" in ctm_kwargs:
+            check_gamma(ctm_kwargs["gamma"])
+        kwargs.update(ctm_kwargs)
     t0 = time.time()
     images = _sample_images(pipe, args.num_images, args.batch_size, args.seed, **kwargs)
     elapsed = time.time() - t0

@@ -1,5 +1,6 @@
 from .base import TrainingMethod
+from .ctm import CTMTraining
 from .edm import EDMTraining
 from .ict import ImprovedConsistencyTraining
 
-__all__ = ["TrainingMethod", "ImprovedConsistencyTraining", "EDMTraining"]
+__all__ = ["TrainingMethod", "ImprovedConsistencyTraining", "EDMTraining", "CTMTraining"]

@@ -1,4 +1,6 @@
 from .scheduling_consistency import ConsistencyScheduler, ConsistencySchedulerOutput
+from .scheduling_ctm import CTMScheduler, CTMSchedulerOutput
 from .scheduling_edm_heun import EDMHeunScheduler, EDMHeunSchedulerOutput
 
-__all__ = ["ConsistencyScheduler", "ConsistencySchedulerOutput", "EDMHeunScheduler", "EDMHeunSchedulerOutput"]
+__all__ = ["ConsistencyScheduler", "ConsistencySchedulerOutput", "CTMScheduler", "CTMSchedulerOutput",
+           "EDMHeunScheduler", "EDMHeunSchedulerOutput"]

@@ -1,0 +1,257 @@
+"""CTMPipeline: sampling from a Consistency Trajectory Model (Kim et al., ICLR 2024) with gamma-sampling or with
+score-based EDM Heun sampling through the student's denoiser g(x, t, t) (reference sec. 1.7)."""
+from __future__ import annotations
+
+from typing import Any, Callable, Sequence
+
+import torch
+from diffusers import DiffusionPipeline, ImagePipelineOutput
+from diffusers.utils.torch_utils import randn_tensor
+
+from gensample.ctm import TrajectoryFunction
+from gensample.models.ctm_unet import CTMUNet2DModel
+from gensample.parametrization import noise_conditioning
+from gensample.sampling_edm import edm_sigmas, heun_solve
+from gensample.schedulers.scheduling_ctm import CTMScheduler, check_gamma
+
+__all__ = ["CTMPipeline"]
+
+SAMPLERS = ("gamma", "heun")
+#: callback_on_step_end(pipe, step, c_noise, tensors) -> replacement tensors
+StepCallback = Callable[["CTMPipeline", int, torch.Tensor, dict], dict]
+
+EXAMPLE_DOC_STRING = """
+    Examples:
+        ```py
+        >>> import torch
+        >>> from gensample.pipelines.pipeline_ctm import CTMPipeline
+
+        >>> pipe = CTMPipeline.from_pretrained("runs/ctm/pipeline")
+        >>> g = torch.Generator().manual_seed(0)
+        >>> images = pipe(batch_size=16, num_inference_steps=1, generator=g).images  # NFE 1: G(x_T, T, sigma_min)
+        >>> images = pipe(batch_size=16, num_inference_steps=4, gamma=0.3, generator=g).images  # gamma-sampling
+        >>> images = pipe(batch_size=16, num_inference_steps=18, sampler="heun").images  # EDM Heun on g(x, t, t)
+        ```
+"""
+
+
+class CTMPipeline(DiffusionPipeline):
+    r"""Image generation from a CTM trajectory function G(x, t, s) = (s/t) x + (1 - s/t) g(x, t, s),
+    g = c_skip(t) x + c_out(t) F(c_in(t) x, c_noise(t), c_noise(s)) (:class:`gensample.ctm.TrajectoryFunction`).
+
+    Two samplers (CTM sec. 4 / reference sec. 1.7):
+
+    * ``sampler="gamma"`` (default): gamma-sampling with :class:`CTMScheduler`; n steps cost n network evaluations.
+      gamma = 0 makes deterministic long jumps G(x, sigma_i, sigma_{i+1}), gamma = 1 is CM multistep sampling.
+    * ``sampler="heun"``: score-based sampling, EDM's deterministic Heun sampler (Karras et al. 2022, Algorithm 2,
+      S_churn = 0; :func:`gensample.sampling_edm.heun_solve`) over the denoiser D(x, t) = g(x, t, t); n steps cost
+      2n - 1 evaluations. ``gamma`` does not apply.
+
+    Components:
+        unet ([`CTMUNet2DModel`]): the backbone F(x, c_noise(t), s_timestep=c_noise(s)).
+        scheduler ([`CTMScheduler`]): the sigma grid, gamma and the gamma-sampling step.
+    """
+
+    model_cpu_offload_seq = "unet"
+    _callback_tensor_inputs = ["latents", "denoised"]
+
+    def __init__(self, unet: CTMUNet2DModel, scheduler: CTMScheduler):
+        super().__init__()
+        self.register_modules(unet=unet, scheduler=scheduler)
+
+    @property
+    def trajectory_function(self) -> TrajectoryFunction:
+        """G(x, t, s) of this pipeline's UNet with the scheduler's sigma_data (the very function the samplers use)."""
+        return TrajectoryFunction(self.unet, sigma_data=self.scheduler.config.sigma_data)
+
+    def check_inputs(self, batch_size: int, num_inference_steps: int, timesteps: Sequence[int] | None,
+                     sigmas: Sequence[float] | None, gamma: float | None, sampler: str, latents: torch.Tensor | None,
+                     generator: torch.Generator | list[torch.Generator] | None, output_type: str,
+                     callback_on_step_end_tensor_inputs: list[str] | None, class_labels: Any) -> None:
+        """Raise a ValueError that says the fix for any invalid argument of :meth:`__call__`."""
+        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
+            raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+        if sampler not in SAMPLERS:
+            raise ValueError(f"`sampler` must be one of {SAMPLERS}, got {sampler!r}.")
+        if timesteps is None and sigmas is None and (not isinstance(num_inference_steps, int)
+                                                     or isinstance(num_inference_steps, bool)
+                                                     or num_inference_steps < 1):
+            raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}.")
+        if timesteps is not None and sigmas is not None:
+            raise ValueError("Pass either `timesteps` or `sigmas`, not both.")
+        if sampler == "heun":
+            if gamma is not None:
+                raise ValueError("`gamma` applies to sampler='gamma' only; sampler='heun' is deterministic. Drop "
+                                 "`gamma` or use sampler='gamma'.")
+            if timesteps is not None:
+                raise ValueError("`timesteps` (grid indices) apply to sampler='gamma' only; pass `sigmas` or "
+                                 "`num_inference_steps` for sampler='heun'.")
+        elif gamma is not None:
+            check_gamma(gamma)
+        cfg = self.unet.config
+        expected = (batch_size, cfg.in_channels, cfg.sample_size, cfg.sample_size)
+        if latents is not None and tuple(latents.shape) != expected:
+            raise ValueError(
+                f"`latents` has shape {tuple(latents.shape)} but this model expects {expected} "
+                "(batch_size, unet.config.in_channels, sample_size, sample_size); pass matching latents or omit them."
+            )
+        if isinstance(generator, list) and len(generator) != batch_size:
+            raise ValueError(
+                f"Got a list of {len(generator)} generators for batch_size {batch_size}; pass one per image.")
+        if output_type not in ("pil", "np", "pt"):
+            raise ValueError(f"`output_type` must be 'pil', 'np' or 'pt', got {output_type!r}.")
+        if callback_on_step_end_tensor_inputs is not None:
+            bad = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
+            if bad:
+                raise ValueError(f"`callback_on_step_end_tensor_inputs` {bad} not in {self._callback_tensor_inputs}.")
+        if class_labels is not None and cfg.num_class_embeds is None:
+            raise ValueError("`class_labels` given but this UNet is unconditional (num_class_embeds is None).")
+
+    def _heun_sigmas(self, num_inference_steps: int, sigmas: Sequence[float] | None) -> torch.Tensor:
+        """EDM's schedule ending in 0: eq. 5 on the scheduler's (sigma_min, sigma_max, rho), or ``sigmas`` + [0]."""
+        cfg = self.scheduler.config
+        if sigmas is None:
+            return edm_sigmas(num_inference_steps, cfg.sigma_min, cfg.sigma_max, cfg.rho)
+        levels = torch.as_tensor(sigmas, dtype=torch.float64).flatten()
+        if len(levels) and levels[-1] == 0:
+            levels = levels[:-1]
+        if len(levels) == 0 or (levels[1:] >= levels[:-1]).any() or (levels <= 0).any() \
+                or not torch.isfinite(levels).all():
+            raise ValueError(f"`sigmas` must be non-empty, finite, strictly descending and > 0 (an optional final 0 "
+                             f"aside), got {list(sigmas)}; e.g. sigmas=[80.0, 10.0, 1.0, 0.1].")
+        return torch.cat([levels, levels.new_zeros(1)])
+
+    @torch.no_grad()
+    def __call__(
+        self,
+        batch_size: int = 1,
+        num_inference_steps: int = 1,
+        timesteps: Sequence[int] | None = None,
+        sigmas: Sequence[float] | None = None,
+        gamma: float | None = None,
+        sampler: str = "gamma",
+        generator: torch.Generator | list[torch.Generator] | None = None,
+        latents: torch.Tensor | None = None,
+        class_labels: torch.Tensor | int | list[int] | None = None,
+        output_type: str = "pil",
+        return_dict: bool = True,
+        callback_on_step_end: StepCallback | None = None,
+        callback_on_step_end_tensor_inputs: list[str] = ("latents",),
+    ) -> ImagePipelineOutput | tuple:
+        r"""Generate images.
+
+        Args:
+            batch_size (`int`, defaults to 1): number of images.
+            num_inference_steps (`int`, defaults to 1): gamma-sampling jumps n (NFE n; the n + 1 point Karras grid
+                from sigma_max to sigma_min), or Heun steps (NFE 2n - 1); ignored if `timesteps`/`sigmas` given.
+            timesteps (`list[int]`, *optional*, gamma sampler only): indices into the scheduler's
+                `num_train_timesteps`-point grid (0 = sigma_max), e.g. `[0, 9]` with N = 18.
+            sigmas (`list[float]`, *optional*): explicit descending levels, e.g. `[80.0, 2.0]` (gamma: sigma_min is
+                appended as the end point; heun: 0 is appended).
+            gamma (`float`, *optional*): gamma-sampling noise in [0, 1]; None uses the scheduler's config gamma.
+            sampler (`str`, defaults to "gamma"): "gamma" (CTM gamma-sampling) or "heun" (EDM Heun on g(x, t, t)).
+            generator (`torch.Generator` or list, *optional*): for reproducible noise (one per image if a list).
+            latents (`torch.Tensor`, *optional*): unit-variance starting noise; scaled by the first level here.
+            class_labels (*optional*): labels for a class-conditional UNet; drawn from `generator` if omitted.
+            output_type (`str`, defaults to "pil"): "pil", "np" (NHWC float in [0, 1]) or "pt" (NCHW in [0, 1]).
+            return_dict (`bool`, defaults to True): return an [`ImagePipelineOutput`] rather than a tuple.
+            callback_on_step_end (`Callable`, *optional*): `fn(pipe, i, t, callback_kwargs) -> dict` after each step
+                (`t` is c_noise of the step's level); may return replacement tensors for
+                `callback_on_step_end_tensor_inputs` ("latents": the state after the step, "denoised": G(x, t, s)
+                for gamma, the denoiser output g(x, t, t) at the step's start for heun).
+
+        Returns:
+            [`ImagePipelineOutput`] or `tuple` with the images (the final state clamped to [-1, 1], mapped to [0, 1]).
+        """
+        callback_on_step_end_tensor_inputs = list(callback_on_step_end_tensor_inputs)
+        # 1. Check inputs
+        self.check_inputs(batch_size, num_inference_steps, timesteps, sigmas, gamma, sampler, latents, generator,
+                          output_type, callback_on_step_end_tensor_inputs, class_labels)
+        device = self._execution_device
+        dtype = self.unet.dtype
+
+        # 2. Set the noise levels
+        if sampler == "gamma":
+            if timesteps is not None:
+                self.scheduler.set_timesteps(timesteps=timesteps, device=device, gamma=gamma)
+            elif sigmas is not None:
+                self.scheduler.set_timesteps(sigmas=sigmas, device=device, gamma=gamma)
+            else:
+                self.scheduler.set_timesteps(num_inference_steps, device=device, gamma=gamma)
+            start_sigma = self.scheduler.init_noise_sigma
+        else:
+            heun_sigmas = self._heun_sigmas(num_inference_steps, sigmas)
+            start_sigma = float(heun_sigmas[0])
+
+        # 3. Prepare latents at the first level
+        cfg = self.unet.config
+        shape = (batch_size, cfg.in_channels, cfg.sample_size, cfg.sample_size)
+        if latents is None:
+            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
+        latents = latents.to(device=device, dtype=dtype) * start_sigma
+
+        # 4. Class labels
+        if cfg.num_class_embeds is not None:
+            if class_labels is None:
+                gen = generator[0] if isinstance(generator, list) else generator
+                class_labels = torch.randint(0, cfg.num_class_embeds, (batch_size,), generator=gen)
+            class_labels = torch.as_tensor(class_labels, device=device).reshape(-1).expand(batch_size)
+
+        # 5. Sampling loop
+        if sampler == "gamma":
+            latents = self._gamma_loop(latents, class_labels, generator, callback_on_step_end,
+                                       callback_on_step_end_tensor_inputs)
+        else:
+            latents = self._heun_loop(latents, heun_sigmas, class_labels, callback_on_step_end,
+                                      callback_on_step_end_tensor_inputs)
+
+        # 6. Post-process: the final state is the sample (at sigma_min for gamma, at 0 for heun)
+        image = (latents / 2 + 0.5).clamp(0, 1)
+        if output_type != "pt":
+            image = image.cpu().permute(0, 2, 3, 1).float().numpy()
+            if output_type == "pil":
+                image = self.numpy_to_pil(image)
+        self.maybe_free_model_hooks()
+        if not return_dict:
+            return (image,)
+        return ImagePipelineOutput(images=image)
+
+    def _callback(self, callback: StepCallback | None, i: int, t: torch.Tensor, names: list[str],
+                  latents: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
+        """Run ``callback_on_step_end`` and return the (possibly replaced) latents."""
+        if callback is None:
+            return latents
+        local_vars = {"latents": latents, "denoised": denoised}
+        outputs = callback(self, i, t, {k: local_vars[k] for k in names}) or {}
+        return outputs.pop("latents", latents)
+
+    def _gamma_loop(self, latents: torch.Tensor, class_labels: torch.Tensor | None,
+                    generator: torch.Generator | list[torch.Generator] | None, callback: StepCallback | None,
+                    names: list[str]) -> torch.Tensor:
+        """CTM gamma-sampling: F at (sigma_i, s_i), then :meth:`CTMScheduler.step` (jump + re-noise)."""
+        scheduler = self.scheduler
+        with self.progress_bar(total=len(scheduler.timesteps)) as progress_bar:
+            for i, t in enumerate(scheduler.timesteps):
+                model_input = scheduler.scale_model_input(latents, t)
+                model_output = self.unet(model_input, t, class_labels=class_labels,
+                                         s_timestep=scheduler.s_timesteps[i], return_dict=False)[0]
+                latents, denoised = scheduler.step(model_output, t, latents, generator=generator, return_dict=False)
+                latents = self._callback(callback, i, t, names, latents, denoised)
+                progress_bar.update()
+        return latents
+
+    def _heun_loop(self, latents: torch.Tensor, sigmas: torch.Tensor, class_labels: torch.Tensor | None,
+                   callback: StepCallback | None, names: list[str]) -> torch.Tensor:
+        """EDM Heun (Algorithm 2, S_churn = 0) over D(x, t) = g(x, t, t), one :func:`heun_solve` call per step so
+        that a callback can replace the state between steps."""
+        denoiser = self.trajectory_function.denoise
+        extra_args = {"class_labels": class_labels} if class_labels is not None else {}
+        seen: dict = {}
+        with self.progress_bar(total=len(sigmas) - 1) as progress_bar:
+            for i in range(len(sigmas) - 1):
+                latents = heun_solve(denoiser, latents, sigmas[i:i + 2], extra_args=extra_args,
+                                     callback=seen.update)
+                t = noise_conditioning(sigmas[i]).to(torch.float32)  # c_noise(sigma_i), as the gamma loop passes
+                latents = self._callback(callback, i, t, names, latents, seen["denoised"])
+                progress_bar.update()
+        return latents
