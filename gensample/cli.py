@@ -68,6 +68,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_edm_train_subparsers(train_sub)
     from .cli_ctm import add_train_subparsers as add_ctm_train_subparsers  # lazy, as cli_edm
     add_ctm_train_subparsers(train_sub)
+    from .cli_lct import add_train_subparsers as add_lct_train_subparsers  # lazy, as cli_edm
+    add_lct_train_subparsers(train_sub)
 
     sample = sub.add_parser("sample", help="sample a grid from a saved pipeline")
     sample.add_argument("pipeline", help="folder written by save_pretrained (e.g. runs/ict/pipeline)")

@@ -52,6 +52,8 @@ def add_train_subparsers(train_subparsers: argparse._SubParsersAction) -> None:
                      help="diffusion loss on descending grid indices >= int(rate*N) (sLCT: 0.75)")
     lct.add_argument("--no-ot", action="store_true", help="random instead of minibatch-OT noise/latent pairing")
     lct.add_argument("--no-nsln", action="store_true", help="keep GroupNorm instead of non-scaling LayerNorm")
+    lct.add_argument("--sampling-sigmas", type=float, nargs="+", default=None,
+                     help="tuned few-step schedule recorded in the pipeline's scheduler (sLCT's 2-step: 80 0.369315)")
     lct.add_argument("--sample-steps", type=_positive_int, nargs="+", default=[1, 2],
                      help="steps of the sample grids")
     lct.set_defaults(func=cmd_train_lct)
@@ -160,7 +162,7 @@ def cmd_train_lct(args) -> dict:
         p_std=args.p_std, distance="cauchy" if cauchy else "pseudo_huber", cauchy_c=args.cauchy_c,
         adaptive_c=cauchy and not args.no_adaptive_c, use_diffusion_loss=not args.no_diffusion_loss,
         diffusion_weight=args.diffusion_weight, diffusion_rate=args.diffusion_rate, ot_pairing=not args.no_ot,
-        vae=vae, normalizer=normalizer)
+        sampling_sigmas=args.sampling_sigmas, vae=vae, normalizer=normalizer)
     params = sum(p.numel() for p in unet.parameters())
     extra = {"unet_parameters": params, "data": args.data, "vae": str(args.vae), "latent_cache": str(cache_dir),
              "latent_shape": list(latents.shape[1:]), "norm": "group" if args.no_nsln else "nsln"}

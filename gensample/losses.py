@@ -5,6 +5,8 @@ import math
 
 import torch
 
+from .losses_slct import cauchy, slct_cauchy_c  # noqa: F401  sLCT's Cauchy distance and its adaptive c
+
 
 def pseudo_huber_constant(num_dims: int) -> float:
     """iCT's c = 0.00054 sqrt(d), d = C*H*W (Song & Dhariwal 2023, sec. 3.3; 3x32x32 -> 0.02993)."""
@@ -39,7 +41,8 @@ def squared_l2(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return (x - y).flatten(1).float().square().mean(1)
 
 
-DISTANCES = {"pseudo_huber": pseudo_huber, "pseudo_huber_elementwise": pseudo_huber_elementwise, "l2": squared_l2}
+DISTANCES = {"pseudo_huber": pseudo_huber, "pseudo_huber_elementwise": pseudo_huber_elementwise, "l2": squared_l2,
+             "cauchy": cauchy}
 
 
 def get_distance(name: str):

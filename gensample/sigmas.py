@@ -65,6 +65,7 @@ def lognormal_index_probabilities(sigmas: torch.Tensor, p_mean: float = -1.1, p_
     log_s = torch.log(sigmas.to(torch.float64))
     cdf = torch.erf((log_s - p_mean) / (math.sqrt(2.0) * p_std))
     weights = cdf[1:] - cdf[:-1]
+    weights = weights.clamp_min(0)  # rounding can make far-tail differences slightly negative
     return weights / weights.sum()
 
 

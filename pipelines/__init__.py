@@ -2,5 +2,6 @@
 from .pipeline_consistency import ConsistencyPipeline
 from .pipeline_ctm import CTMPipeline
 from .pipeline_edm import EDMPipeline
+from .pipeline_latent_consistency import LatentConsistencyPipeline
 
-__all__ = ["ConsistencyPipeline", "CTMPipeline", "EDMPipeline"]
+__all__ = ["ConsistencyPipeline", "CTMPipeline", "EDMPipeline", "LatentConsistencyPipeline"]

@@ -68,7 +68,8 @@ class LatentConsistencyPipeline(DiffusionPipeline):
                      callback_on_step_end_tensor_inputs, class_labels):
         if not isinstance(batch_size, int) or batch_size < 1:
             raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
-        if timesteps is None and sigmas is None and (not isinstance(num_inference_steps, int) or num_inference_steps < 1):
+        bad_steps = not isinstance(num_inference_steps, int) or num_inference_steps < 1
+        if timesteps is None and sigmas is None and bad_steps:
             raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}.")
         if timesteps is not None and sigmas is not None:
             raise ValueError("Pass either `timesteps` or `sigmas`, not both.")
@@ -79,7 +80,8 @@ class LatentConsistencyPipeline(DiffusionPipeline):
                 "(batch_size, unet.config.in_channels, sample_size, sample_size); pass matching latents or omit them."
             )
         if isinstance(generator, list) and len(generator) != batch_size:
-            raise ValueError(f"Got a list of {len(generator)} generators for batch_size {batch_size}; pass one per image.")
+            raise ValueError(f"Got a list of {len(generator)} generators for batch_size {batch_size}; "
+                             "pass one per image.")
         if output_type not in ("pil", "np", "pt", "latent"):
             raise ValueError(f"`output_type` must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}.")
         if callback_on_step_end_tensor_inputs is not None:

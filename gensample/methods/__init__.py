@@ -2,5 +2,6 @@ from .base import TrainingMethod
 from .ctm import CTMTraining
 from .edm import EDMTraining
 from .ict import ImprovedConsistencyTraining
+from .lct import LatentConsistencyTraining
 
-__all__ = ["TrainingMethod", "ImprovedConsistencyTraining", "EDMTraining", "CTMTraining"]
+__all__ = ["TrainingMethod", "ImprovedConsistencyTraining", "EDMTraining", "CTMTraining", "LatentConsistencyTraining"]

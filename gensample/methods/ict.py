@@ -71,6 +71,23 @@ class ImprovedConsistencyTraining(TrainingMethod):
     def ema_modules(self) -> dict[str, nn.Module]:
         return {"unet": self.model.backbone}
 
+    def _student_teacher(self, x_student: torch.Tensor, sigma_student: torch.Tensor, x_teacher: torch.Tensor,
+                         sigma_teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Student f_theta(x_student) with grad; teacher f_theta(x_teacher) under no_grad, detached, with the same
+        dropout mask: the RNG is replayed for the teacher (pitfall P2: save the state of the device the dropout
+        runs on, not only the CPU generator)."""
+        devices = _rng_devices(x_student)
+        cpu_state = torch.get_rng_state()
+        cuda_states = [torch.cuda.get_rng_state(d) for d in devices]
+        student = self.model(x_student, sigma_student)
+        with torch.random.fork_rng(devices=devices):
+            torch.set_rng_state(cpu_state)
+            for d, s in zip(devices, cuda_states):
+                torch.cuda.set_rng_state(s, d)
+            with torch.no_grad():
+                teacher = self.model(x_teacher, sigma_teacher).detach()
+        return student, teacher
+
     def forward(self, x0: torch.Tensor, step: int, group: str = "model") -> dict[str, torch.Tensor]:
         sigmas, probs, weights = self.noise_grid(step)
         index = torch.multinomial(probs, x0.shape[0], replacement=True)
@@ -81,19 +98,7 @@ class ImprovedConsistencyTraining(TrainingMethod):
         shape = (-1,) + (1,) * (x0.ndim - 1)
         x_student = x0 + sigma_student.to(x0.dtype).view(shape) * noise
         x_teacher = x0 + sigma_teacher.to(x0.dtype).view(shape) * noise
-
-        # Replay the RNG for the teacher so dropout masks are shared (pitfall P2: save the state of the device the
-        # dropout runs on, not only the CPU generator).
-        devices = _rng_devices(x0)
-        cpu_state = torch.get_rng_state()
-        cuda_states = [torch.cuda.get_rng_state(d) for d in devices]
-        student = self.model(x_student, sigma_student)
-        with torch.random.fork_rng(devices=devices):
-            torch.set_rng_state(cpu_state)
-            for d, s in zip(devices, cuda_states):
-                torch.cuda.set_rng_state(s, d)
-            with torch.no_grad():
-                teacher = self.model(x_teacher, sigma_teacher).detach()
+        student, teacher = self._student_teacher(x_student, sigma_student, x_teacher, sigma_teacher)
 
         kwargs = {}
         if self.distance_name.startswith("pseudo_huber"):

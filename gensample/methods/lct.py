@@ -42,7 +42,7 @@ from ..losses_slct import get_lct_distance, slct_cauchy_c
 from ..ot import ot_pair_noise
 from ..sigmas import RHO, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN
 from .edm import edm_loss_weight
-from .ict import ImprovedConsistencyTraining, _rng_devices
+from .ict import ImprovedConsistencyTraining
 
 __all__ = ["LatentConsistencyTraining", "diffusion_loss_mask"]
 
@@ -72,6 +72,8 @@ class LatentConsistencyTraining(ImprovedConsistencyTraining):
         huber_c: the pseudo-Huber c when ``distance`` is a pseudo-Huber variant (default 0.00054 sqrt(d)).
         use_diffusion_loss, diffusion_weight, diffusion_rate: the low-noise diffusion term (5 and 0.75 in sLCT).
         ot_pairing: exact minibatch OT coupling of noise and latents.
+        sampling_sigmas: a tuned few-step schedule recorded in the exported scheduler (as iCT's); sLCT samples
+            2 steps with ``--ts 0,440,640 --steps 641``, i.e. ``[80.0, 0.369315]``. None: the scheduler's grid rule.
         vae, normalizer: the ``AutoencoderKL`` and ``LatentNormalizer`` the exported pipeline decodes with.
     """
 
@@ -97,13 +99,14 @@ class LatentConsistencyTraining(ImprovedConsistencyTraining):
         sigma_max: float = SIGMA_MAX,
         sigma_data: float = SIGMA_DATA,
         rho: float = RHO,
+        sampling_sigmas: list[float] | None = None,
         vae: nn.Module | None = None,
         normalizer: nn.Module | None = None,
     ):
         distance_fn = get_lct_distance(distance)  # validates the name (ValueError lists the choices)
         if adaptive_c and distance != "cauchy":
-            raise ValueError(f"adaptive_c applies to the Cauchy distance only (its constants are fitted to the MSE-form "
-                             f"Cauchy loss, pitfall P11); got distance={distance!r}. Pass adaptive_c=False.")
+            raise ValueError(f"adaptive_c applies to the Cauchy distance only (its constants are fitted to the "
+                             f"MSE-form Cauchy loss, pitfall P11); got distance={distance!r}. Pass adaptive_c=False.")
         if cauchy_c is not None and not cauchy_c > 0:
             raise ValueError(f"cauchy_c must be > 0, got {cauchy_c}.")
         if diffusion_weight < 0:
@@ -116,7 +119,7 @@ class LatentConsistencyTraining(ImprovedConsistencyTraining):
         # gensample.losses_slct, so it is set below.
         super().__init__(backbone, total_steps, s0=s0, s1=s1, p_mean=p_mean, p_std=p_std,
                          distance="l2" if distance == "cauchy" else distance, huber_c=huber_c, sigma_min=sigma_min,
-                         sigma_max=sigma_max, sigma_data=sigma_data, rho=rho)
+                         sigma_max=sigma_max, sigma_data=sigma_data, rho=rho, sampling_sigmas=sampling_sigmas)
         self.distance_name, self.distance = distance, distance_fn
         self.cauchy_c = None if cauchy_c is None else float(cauchy_c)
         self.adaptive_c = bool(adaptive_c)
@@ -154,22 +157,6 @@ class LatentConsistencyTraining(ImprovedConsistencyTraining):
         if self.distance_name.startswith("pseudo_huber"):
             return {"c": self.huber_c if self.huber_c is not None else pseudo_huber_constant(num_dims)}
         return {}
-
-    def _student_teacher(self, x_student: torch.Tensor, sigma_student: torch.Tensor, x_teacher: torch.Tensor,
-                         sigma_teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Student f_theta(x_student) with grad; teacher f_theta(x_teacher) under no_grad with the same dropout mask
-        (the RNG state is replayed, pitfall P2), as in :meth:`ImprovedConsistencyTraining.forward`."""
-        devices = _rng_devices(x_student)
-        cpu_state = torch.get_rng_state()
-        cuda_states = [torch.cuda.get_rng_state(d) for d in devices]
-        student = self.model(x_student, sigma_student)
-        with torch.random.fork_rng(devices=devices):
-            torch.set_rng_state(cpu_state)
-            for d, s in zip(devices, cuda_states):
-                torch.cuda.set_rng_state(s, d)
-            with torch.no_grad():
-                teacher = self.model(x_teacher, sigma_teacher).detach()
-        return student, teacher
 
     def forward(self, x0: torch.Tensor, step: int, group: str = "model") -> dict[str, torch.Tensor]:
         sigmas, probs, weights = self.noise_grid(step)
@@ -225,6 +212,7 @@ class LatentConsistencyTraining(ImprovedConsistencyTraining):
         scheduler = ConsistencyScheduler(
             num_train_timesteps=self.num_sigmas(self.total_steps), sigma_min=self.sigma_min,
             sigma_max=self.sigma_max, sigma_data=self.sigma_data, rho=self.rho, clip_denoised=False,
+            sampling_sigmas=self.sampling_sigmas,
         )
         return LatentConsistencyPipeline(unet=unet, scheduler=scheduler, vae=vae, normalizer=normalizer)
 
