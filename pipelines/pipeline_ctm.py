@@ -13,6 +13,7 @@ from gensample.models.ctm_unet import CTMUNet2DModel
 from gensample.parametrization import noise_conditioning
 from gensample.sampling_edm import edm_sigmas, heun_solve
 from gensample.schedulers.scheduling_ctm import CTMScheduler, check_gamma
+from .input_checks import check_batch_size, check_num_inference_steps, check_sampling_inputs
 
 __all__ = ["CTMPipeline"]
 
@@ -69,14 +70,11 @@ class CTMPipeline(DiffusionPipeline):
                      generator: torch.Generator | list[torch.Generator] | None, output_type: str,
                      callback_on_step_end_tensor_inputs: list[str] | None, class_labels: Any) -> None:
         """Raise a ValueError that says the fix for any invalid argument of :meth:`__call__`."""
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
+        check_batch_size(batch_size)
         if sampler not in SAMPLERS:
             raise ValueError(f"`sampler` must be one of {SAMPLERS}, got {sampler!r}.")
-        if timesteps is None and sigmas is None and (not isinstance(num_inference_steps, int)
-                                                     or isinstance(num_inference_steps, bool)
-                                                     or num_inference_steps < 1):
-            raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}.")
+        if timesteps is None and sigmas is None:
+            check_num_inference_steps(num_inference_steps)
         if timesteps is not None and sigmas is not None:
             raise ValueError("Pass either `timesteps` or `sigmas`, not both.")
         if sampler == "heun":
@@ -89,23 +87,9 @@ class CTMPipeline(DiffusionPipeline):
         elif gamma is not None:
             check_gamma(gamma)
         cfg = self.unet.config
-        expected = (batch_size, cfg.in_channels, cfg.sample_size, cfg.sample_size)
-        if latents is not None and tuple(latents.shape) != expected:
-            raise ValueError(
-                f"`latents` has shape {tuple(latents.shape)} but this model expects {expected} "
-                "(batch_size, unet.config.in_channels, sample_size, sample_size); pass matching latents or omit them."
-            )
-        if isinstance(generator, list) and len(generator) != batch_size:
-            raise ValueError(
-                f"Got a list of {len(generator)} generators for batch_size {batch_size}; pass one per image.")
-        if output_type not in ("pil", "np", "pt"):
-            raise ValueError(f"`output_type` must be 'pil', 'np' or 'pt', got {output_type!r}.")
-        if callback_on_step_end_tensor_inputs is not None:
-            bad = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
-            if bad:
-                raise ValueError(f"`callback_on_step_end_tensor_inputs` {bad} not in {self._callback_tensor_inputs}.")
-        if class_labels is not None and cfg.num_class_embeds is None:
-            raise ValueError("`class_labels` given but this UNet is unconditional (num_class_embeds is None).")
+        check_sampling_inputs(self, batch_size, (cfg.in_channels, cfg.sample_size, cfg.sample_size), latents,
+                              generator, output_type, ("pil", "np", "pt"), callback_on_step_end_tensor_inputs,
+                              class_labels)
 
     def _heun_sigmas(self, num_inference_steps: int, sigmas: Sequence[float] | None) -> torch.Tensor:
         """EDM's schedule ending in 0: eq. 5 on the scheduler's (sigma_min, sigma_max, rho), or ``sigmas`` + [0]."""

@@ -9,6 +9,7 @@ from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
 from diffusers.utils.torch_utils import randn_tensor
 
 from gensample.schedulers.scheduling_edm_heun import EDMHeunScheduler
+from .input_checks import check_batch_size, check_num_inference_steps, check_sampling_inputs
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -42,29 +43,13 @@ class EDMPipeline(DiffusionPipeline):
 
     def check_inputs(self, batch_size, num_inference_steps, sigmas, latents, generator, output_type,
                      callback_on_step_end_tensor_inputs, class_labels):
-        if not isinstance(batch_size, int) or isinstance(batch_size, bool) or batch_size < 1:
-            raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
-        if sigmas is None and (not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool)
-                               or num_inference_steps < 1):
-            raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}.")
+        check_batch_size(batch_size)
+        if sigmas is None:
+            check_num_inference_steps(num_inference_steps)
         cfg = self.unet.config
-        expected = (batch_size, cfg.in_channels, cfg.sample_size, cfg.sample_size)
-        if latents is not None and tuple(latents.shape) != expected:
-            raise ValueError(
-                f"`latents` has shape {tuple(latents.shape)} but this model expects {expected} "
-                "(batch_size, unet.config.in_channels, sample_size, sample_size); pass matching latents or omit them."
-            )
-        if isinstance(generator, list) and len(generator) != batch_size:
-            raise ValueError(
-                f"Got a list of {len(generator)} generators for batch_size {batch_size}; pass one per image.")
-        if output_type not in ("pil", "np", "pt"):
-            raise ValueError(f"`output_type` must be 'pil', 'np' or 'pt', got {output_type!r}.")
-        if callback_on_step_end_tensor_inputs is not None:
-            bad = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
-            if bad:
-                raise ValueError(f"`callback_on_step_end_tensor_inputs` {bad} not in {self._callback_tensor_inputs}.")
-        if class_labels is not None and self.unet.config.num_class_embeds is None:
-            raise ValueError("`class_labels` given but this UNet is unconditional (num_class_embeds is None).")
+        check_sampling_inputs(self, batch_size, (cfg.in_channels, cfg.sample_size, cfg.sample_size), latents,
+                              generator, output_type, ("pil", "np", "pt"), callback_on_step_end_tensor_inputs,
+                              class_labels)
 
     @torch.no_grad()
     def __call__(

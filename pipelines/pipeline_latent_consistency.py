@@ -15,6 +15,7 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from gensample.models.latent_normalizer import LatentNormalizer
 from gensample.schedulers import ConsistencyScheduler
+from .input_checks import check_batch_size, check_num_inference_steps, check_sampling_inputs
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -66,30 +67,13 @@ class LatentConsistencyPipeline(DiffusionPipeline):
 
     def check_inputs(self, batch_size, num_inference_steps, timesteps, sigmas, latents, generator, output_type,
                      callback_on_step_end_tensor_inputs, class_labels):
-        if not isinstance(batch_size, int) or batch_size < 1:
-            raise ValueError(f"`batch_size` must be a positive integer, got {batch_size!r}.")
-        bad_steps = not isinstance(num_inference_steps, int) or num_inference_steps < 1
-        if timesteps is None and sigmas is None and bad_steps:
-            raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}.")
+        check_batch_size(batch_size)
+        if timesteps is None and sigmas is None:
+            check_num_inference_steps(num_inference_steps)
         if timesteps is not None and sigmas is not None:
             raise ValueError("Pass either `timesteps` or `sigmas`, not both.")
-        expected = (batch_size, *self.latent_shape)
-        if latents is not None and tuple(latents.shape) != expected:
-            raise ValueError(
-                f"`latents` has shape {tuple(latents.shape)} but this model expects {expected} "
-                "(batch_size, unet.config.in_channels, sample_size, sample_size); pass matching latents or omit them."
-            )
-        if isinstance(generator, list) and len(generator) != batch_size:
-            raise ValueError(f"Got a list of {len(generator)} generators for batch_size {batch_size}; "
-                             "pass one per image.")
-        if output_type not in ("pil", "np", "pt", "latent"):
-            raise ValueError(f"`output_type` must be 'pil', 'np', 'pt' or 'latent', got {output_type!r}.")
-        if callback_on_step_end_tensor_inputs is not None:
-            bad = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
-            if bad:
-                raise ValueError(f"`callback_on_step_end_tensor_inputs` {bad} not in {self._callback_tensor_inputs}.")
-        if class_labels is not None and self.unet.config.num_class_embeds is None:
-            raise ValueError("`class_labels` given but this UNet is unconditional (num_class_embeds is None).")
+        check_sampling_inputs(self, batch_size, tuple(self.latent_shape), latents, generator, output_type,
+                              ("pil", "np", "pt", "latent"), callback_on_step_end_tensor_inputs, class_labels)
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
