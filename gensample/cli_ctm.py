@@ -51,7 +51,16 @@ def add_train_subparsers(train_subparsers: argparse._SubParsersAction) -> None:
                      help="weights of the target's inner jump x_u -> s: 'student' (stop-grad, CTM default) or "
                           "'target' (the EMA)")
     ctm.add_argument("--distance", choices=CTM_DISTANCES, default="pseudo_huber",
-                     help="CTM distance (LPIPS is not available offline; digits_features = frozen digits CNN)")
+                     help="CTM distance (digits_features = frozen digits CNN; lpips = CTM's own, needs "
+                          "--lpips-weights)")
+    ctm.add_argument("--lpips-weights", nargs="+", default=None, metavar="PATH",
+                     help="LPIPS weights for --distance lpips: the torchvision backbone (vgg16-397923af.pth or "
+                          "alexnet-owt-7be5be79.pth) and the lpips package's lin file (vgg.pth or alex.pth), or one "
+                          "combined .safetensors (gensample.metrics.lpips.save_lpips_weights); never downloaded")
+    ctm.add_argument("--lpips-resize", type=int, default=224,
+                     help="bilinear resize of LPIPS inputs (CTM: 224; 0 = none)")
+    ctm.add_argument("--lpips-pooling", choices=["max", "avg"], default="max",
+                     help="VGG pooling: max (LPIPS) or avg (sony/ctm's piq LPIPS(replace_pooling=True))")
     ctm.add_argument("--huber-c", type=float, default=None, help="pseudo-Huber c (default 0.00054 sqrt(d))")
     ctm.add_argument("--dsm-weight", type=float, default=1.0, help="weight of the DSM term (0 disables it)")
     ctm.add_argument("--dsm-p-mean", type=float, default=-1.2, help="log-normal half of the DSM sigmas: mean")
@@ -61,6 +70,10 @@ def add_train_subparsers(train_subparsers: argparse._SubParsersAction) -> None:
     ctm.add_argument("--gan-start-step", type=int, default=0, help="first step of the GAN phase")
     ctm.add_argument("--gan-augment", default="color,translation,cutout",
                      help="DiffAugment policy for the discriminator ('' for none)")
+    ctm.add_argument("--discriminator-lr", type=float, default=None,
+                     help="the discriminator's learning rate (default: --learning-rate)")
+    ctm.add_argument("--discriminator-betas", type=float, nargs=2, default=[0.5, 0.9], metavar=("B1", "B2"),
+                     help="the discriminator's Adam betas (CTM: 0.5 0.9)")
     ctm.add_argument("--gamma", type=_gamma, default=0.0,
                      help="default gamma of the exported pipeline and the sample grids (0 = deterministic jumps)")
     ctm.add_argument("--sample-steps", type=_positive_int, nargs="+", default=[1, 2],
@@ -104,6 +117,18 @@ def cmd_train_ctm(args: argparse.Namespace) -> dict:
     if args.model != "digits":
         raise ValueError(f"--model {args.model} does not apply to `train ctm`: the student copies the teacher's "
                          "architecture (use --dropout to change its dropout).")
+    if args.distance == "lpips" and not args.lpips_weights:
+        from .metrics.lpips import lpips_weights_help
+
+        raise ValueError(f"--distance lpips needs --lpips-weights. {lpips_weights_help()}")
+    if args.lpips_weights and args.distance != "lpips":
+        raise ValueError(f"--lpips-weights applies to --distance lpips only (got --distance {args.distance}).")
+    if args.lpips_weights and len(args.lpips_weights) > 2:
+        raise ValueError("--lpips-weights takes one combined file or two files (backbone, lin), got "
+                         f"{len(args.lpips_weights)}.")
+    lpips_weights = None
+    if args.lpips_weights:
+        lpips_weights = args.lpips_weights[0] if len(args.lpips_weights) == 1 else tuple(args.lpips_weights)
     teacher = load_pipeline(args.teacher)
     if not isinstance(teacher, EDMPipeline):
         raise ValueError(f"--teacher {args.teacher} holds a {type(teacher).__name__}; CTM distils an EDMPipeline "
@@ -121,13 +146,17 @@ def cmd_train_ctm(args: argparse.Namespace) -> dict:
     method = CTMTraining(
         teacher, student=student, num_sigmas=args.num_sigmas, max_heun_steps=args.max_heun_steps,
         heun_step_multiplier=args.heun_step_multiplier, target_ema=args.target_ema, target_inner=args.target_inner,
-        distance=args.distance, huber_c=args.huber_c, dsm_weight=args.dsm_weight, dsm_p_mean=args.dsm_p_mean,
-        dsm_p_std=args.dsm_p_std, gan=args.gan, gan_weight=args.gan_weight, gan_start_step=args.gan_start_step,
-        gan_augment=args.gan_augment, sample_gamma=args.gamma, seed=args.seed,
+        distance=args.distance, huber_c=args.huber_c, lpips_weights=lpips_weights,
+        lpips_resize=args.lpips_resize or None, lpips_pooling=args.lpips_pooling, dsm_weight=args.dsm_weight,
+        dsm_p_mean=args.dsm_p_mean, dsm_p_std=args.dsm_p_std, gan=args.gan, gan_weight=args.gan_weight,
+        gan_start_step=args.gan_start_step, gan_augment=args.gan_augment, discriminator_lr=args.discriminator_lr,
+        discriminator_betas=tuple(args.discriminator_betas), sample_gamma=args.gamma, seed=args.seed,
     )
     params = sum(p.numel() for p in student.parameters())
     extra = {"unet_parameters": params, "data": args.data, "teacher": str(args.teacher),
              "init_from": args.init_from}
+    if args.lpips_weights:
+        extra["lpips_weights"] = [str(p) for p in args.lpips_weights]
     config = dataclasses.replace(_train_config(args, extra), sample_steps=tuple(args.sample_steps))
     evaluate = None
     if args.fid_every:

@@ -559,14 +559,16 @@ def test_distances_and_diff_augment():
 
 def test_gan_alternation_in_the_trainer(tmp_path):
     """With the GAN term from step 2: steps 0-2 and 4 train the generator (with the GAN term from step 2 on),
-    3 and 5 the discriminator; the target EMA moves only after generator steps, the discriminator only after its
-    own steps, and a generator step leaves no gradient in the discriminator."""
+    3 and 5 the discriminator; the target EMA and the Trainer's evaluation EMA move only after generator steps, the
+    discriminator only after its own steps, and a generator step leaves no gradient in the discriminator. The
+    discriminator's optimizer has its own lr and CTM's betas (0.5, 0.9)."""
     from gensample.training.trainer import TrainConfig, Trainer
 
     class Recording(CTMTraining):
         def __init__(self, *args, **kwargs):
             super().__init__(*args, **kwargs)
             self.calls, self.snapshots = [], []
+            self.trainer = None
 
         def forward(self, batch, step, group="generator"):
             out = super().forward(batch, step, group)
@@ -576,11 +578,15 @@ def test_gan_alternation_in_the_trainer(tmp_path):
         def after_optimizer_step(self, step):
             super().after_optimizer_step(step)
             flat = lambda m: torch.cat([p.detach().flatten().clone() for p in m.parameters()])  # noqa: E731
+            ema = self.trainer.emas["unet"]
             self.snapshots.append((flat(self.discriminator), flat(self.target), flat(self.student),
-                                   all(p.grad is None for p in self.discriminator.parameters())))
+                                   all(p.grad is None for p in self.discriminator.parameters()),
+                                   flat(ema.model), ema.num_updates))
 
     torch.manual_seed(0)
-    method = Recording(edm_teacher(), num_sigmas=3, gan=True, gan_start_step=2, gan_augment="translation")
+    method = Recording(edm_teacher(), num_sigmas=3, gan=True, gan_start_step=2, gan_augment="translation",
+                       discriminator_lr=2e-4)
+    assert method.optimizer_settings() == {"discriminator": {"betas": (0.5, 0.9), "lr": 2e-4}}
     assert [method.groups_for_step(s) for s in range(6)] == [["generator"]] * 3 + [["discriminator"],
                                                                                     ["generator"], ["discriminator"]]
     start = (torch.cat([p.detach().flatten().clone() for p in method.discriminator.parameters()]),
@@ -589,21 +595,28 @@ def test_gan_alternation_in_the_trainer(tmp_path):
     data = torch.rand(32, 1, 8, 8) * 2 - 1
     config = TrainConfig(output_dir=str(tmp_path), max_steps=6, batch_size=4, learning_rate=1e-3, progress=False,
                          checkpoint_every=0, num_sample_images=2, sample_steps=(1,), seed=0)
-    Trainer(method, data, config).train()
+    trainer = method.trainer = Trainer(method, data, config)
+    groups = {name: o.optimizer.param_groups[0] for name, o in zip(trainer.group_names, trainer.optimizers)}
+    assert (groups["discriminator"]["lr"], groups["discriminator"]["betas"]) == (2e-4, (0.5, 0.9))
+    assert (groups["generator"]["lr"], groups["generator"]["betas"]) == (1e-3, (0.9, 0.999))
+    start_ema = torch.cat([p.detach().flatten().clone() for p in trainer.emas["unet"].model.parameters()])
+    trainer.train()
     assert [(s, g) for s, g, _ in method.calls] == [(0, "generator"), (1, "generator"), (2, "generator"),
                                                     (3, "discriminator"), (4, "generator"), (5, "discriminator")]
     keys = {s: k for s, _, k in method.calls}
     assert "gan_g" not in keys[0] and "gan_g" not in keys[1] and "gan_g" in keys[2] and "gan_g" in keys[4]
     assert {"d_real", "d_fake", "loss"} == set(keys[3])
-    previous = start
-    for step, (disc, target, student, no_disc_grad) in enumerate(method.snapshots):
+    previous = (*start, start_ema)
+    for step, (disc, target, student, no_disc_grad, ema, ema_updates) in enumerate(method.snapshots):
         d_step = step in (3, 5)
         assert torch.equal(disc, previous[0]) != d_step, step          # D moves only on its steps
         assert torch.equal(target, previous[1]) == d_step, step         # target EMA only after G steps
         assert torch.equal(student, previous[2]) == d_step, step        # student only on G steps
+        assert torch.equal(ema, previous[3]) == d_step, step            # evaluation EMA only after G steps
+        assert ema_updates == [1, 2, 3, 3, 4, 4][step], step
         if not d_step:
             assert no_disc_grad, step
-        previous = (disc, target, student)
+        previous = (disc, target, student, ema)
 
 
 def test_ctm_method_errors():
@@ -624,7 +637,9 @@ def test_ctm_method_errors():
         CTMTraining("/nonexistent/edm/pipeline")
     with pytest.raises(ValueError, match="class-conditional"):
         CTMTraining(edm_teacher(num_class_embeds=10))
-    bad = [dict(distance="lpips"), dict(target_ema=1.0), dict(num_sigmas=1), dict(max_heun_steps=18),
+    bad = [dict(distance="lpips"), dict(lpips_weights="x.safetensors"), dict(lpips_resize=0),
+           dict(discriminator_lr=0.0), dict(discriminator_betas=(0.5, 1.0)), dict(target_ema=1.0), dict(num_sigmas=1),
+           dict(max_heun_steps=18),
            dict(target_inner="teacher"), dict(sigma_data=0.7), dict(discriminator=Discriminator()),
            dict(gan_augment="rotate"), dict(sample_gamma=2.0), dict(dsm_weight=-1.0), dict(gan_start_step=-1)]
     for kwargs in bad:

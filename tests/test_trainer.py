@@ -1,16 +1,17 @@
 """Trainer + iCT end to end: loss falls, exact resume, atomic checkpoints, corrupt/foreign checkpoints, bad input."""
 import json
 import shutil
-from pathlib import Path
 
 import pytest
 import torch
+import torch.nn.functional as F
 from safetensors.torch import load_file
+from torch import nn
 
 from gensample.methods import ImprovedConsistencyTraining
 from gensample.models import build_unet
 from gensample.training import checkpoint as ckpt
-from gensample.training.trainer import BatchSampler, TrainConfig, Trainer
+from gensample.training.trainer import BatchSampler, TrainConfig, Trainer, resolve_optimizer_settings
 
 
 def make_trainer(out, data, max_steps, total_steps=None, seed=0, s0=10, s1=1280, dropout=0.0, **cfg):
@@ -172,3 +173,127 @@ def test_dropout_mask_shared_between_student_and_teacher(digits):
     y1 = method.model(x, torch.full((8,), 0.5))
     y2 = method.model(x, torch.full((8,), 0.5))
     assert not torch.equal(y1, y2)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# two optimizer groups: EMA gating, per-group optimizer settings, exact resume
+# ------------------------------------------------------------------------------------------------------------------
+class ICTWithCritic(ImprovedConsistencyTraining):
+    """iCT plus a second optimizer group, a linear "critic" on the images stepped on odd steps only, with its own
+    optimizer settings: a stand-in for a GAN discriminator (its loss draws noise, so resume must restore the RNG)."""
+
+    method_name = "ict-critic"
+
+    def __init__(self, unet, critic_settings=None, **kwargs):
+        super().__init__(unet, **kwargs)
+        self.critic = nn.Sequential(nn.Flatten(), nn.Linear(64, 1))
+        self.critic_settings = {"lr": 5e-3, "betas": (0.5, 0.9)} if critic_settings is None else critic_settings
+        self.probe = None
+
+    def trainable_groups(self):
+        return {"model": self.model, "critic": self.critic}
+
+    def groups_for_step(self, step):
+        return ["critic"] if step % 2 else ["model"]
+
+    def optimizer_settings(self):
+        return {"critic": self.critic_settings}
+
+    def forward(self, batch, step, group="model"):
+        if group == "critic":
+            fake = batch + torch.randn_like(batch)
+            return {"loss": F.softplus(-self.critic(batch)).mean() + F.softplus(self.critic(fake)).mean()}
+        return super().forward(batch, step, group)
+
+    def after_optimizer_step(self, step):
+        super().after_optimizer_step(step)
+        if self.probe is not None:
+            self.probe(step)
+
+
+def make_critic_trainer(out, data, max_steps, total_steps=None, seed=0, critic_settings=None, **cfg):
+    torch.manual_seed(seed)
+    method = ICTWithCritic(build_unet("tiny", sample_size=8), critic_settings=critic_settings,
+                           total_steps=total_steps or max_steps)
+    config = TrainConfig(output_dir=str(out), max_steps=max_steps, batch_size=cfg.pop("batch_size", 16), seed=seed,
+                         num_sample_images=2, sample_steps=(1,), progress=False,
+                         checkpoint_every=cfg.pop("checkpoint_every", 0), **cfg)
+    return Trainer(method, data, config)
+
+
+def _flat(module):
+    return torch.cat([p.detach().flatten().clone() for p in module.parameters()])
+
+
+def test_ema_moves_only_after_steps_of_the_groups_that_own_it(tmp_path, digits):
+    trainer = make_critic_trainer(tmp_path, digits, max_steps=4)
+    method, ema = trainer.method, trainer.emas["unet"]
+    assert trainer.ema_groups == {"unet": ["model"]}
+    assert make_trainer(tmp_path / "ict", digits, max_steps=1).ema_groups == {"unet": ["model"]}
+    records = []
+    method.probe = lambda step: records.append((step, ema.num_updates, _flat(ema.model), _flat(method.critic)))
+    previous = (_flat(ema.model), _flat(method.critic))
+    trainer.train()
+    assert [(s, n) for s, n, _, _ in records] == [(0, 1), (1, 1), (2, 2), (3, 2)]
+    for step, _, ema_params, critic in records:
+        critic_step = step % 2 == 1
+        assert torch.equal(ema_params, previous[0]) == critic_step, step  # critic-only steps leave the EMA alone
+        assert torch.equal(critic, previous[1]) != critic_step, step
+        previous = (ema_params, critic)
+    state = json.loads((tmp_path / "checkpoints/checkpoint-00000004/trainer_state.json").read_text())
+    assert state["ema_updates"] == {"unet": 2}
+
+
+def test_per_group_optimizer_settings_reach_the_optimizers(tmp_path, digits):
+    trainer = make_critic_trainer(tmp_path, digits, max_steps=2, learning_rate=1e-3, weight_decay=0.0,
+                                  group_optimizer_settings={"critic": {"weight_decay": 0.01}})
+    opts = {name: o.optimizer.param_groups[0] for name, o in zip(trainer.group_names, trainer.optimizers)}
+    assert (opts["model"]["lr"], opts["model"]["betas"], opts["model"]["weight_decay"]) == (1e-3, (0.9, 0.999), 0.0)
+    assert (opts["critic"]["lr"], opts["critic"]["betas"], opts["critic"]["weight_decay"]) == (5e-3, (0.5, 0.9), 0.01)
+    assert trainer._run_config()["optimizers"] == {
+        "model": {"lr": 1e-3, "betas": [0.9, 0.999], "weight_decay": 0.0},
+        "critic": {"lr": 5e-3, "betas": [0.5, 0.9], "weight_decay": 0.01}}
+    # the config overrides the method key by key; the warm-up scales each group's own lr
+    trainer = make_critic_trainer(tmp_path, digits, max_steps=2, learning_rate=1e-3, lr_warmup_steps=4,
+                                  group_optimizer_settings={"critic": {"lr": 2e-4}})
+    opts = {name: o.optimizer.param_groups[0] for name, o in zip(trainer.group_names, trainer.optimizers)}
+    assert opts["critic"]["initial_lr"] == 2e-4 and opts["critic"]["betas"] == (0.5, 0.9)
+    assert opts["critic"]["lr"] == pytest.approx(2e-4 / 4) and opts["model"]["lr"] == pytest.approx(1e-3 / 4)
+    trainer.train()
+    log = [json.loads(line) for line in (tmp_path / "train_log.jsonl").read_text().splitlines()]
+    last = [r for r in log if "critic/lr" in r][-1]
+    assert last["critic/lr"] == pytest.approx(2e-4 * 2 / 4) and last["lr"] == pytest.approx(1e-3 * 2 / 4)
+    # bad settings
+    method = ICTWithCritic(build_unet("tiny", sample_size=8), total_steps=2)
+    for bad, match in [({"discriminator": {"lr": 1e-3}}, "group 'discriminator'"),
+                       ({"critic": {"momentum": 0.9}}, "unknown keys"), ({"critic": {"betas": (1.0, 0.9)}}, "betas"),
+                       ({"critic": {"lr": 0.0}}, "lr > 0")]:
+        with pytest.raises(ValueError, match=match):
+            resolve_optimizer_settings(method, TrainConfig(output_dir=str(tmp_path), group_optimizer_settings=bad))
+    with pytest.raises(ValueError, match="optimizer_settings"):
+        make_critic_trainer(tmp_path, digits, max_steps=1, critic_settings={"eps": 1e-8})
+
+
+def test_resume_is_exact_with_two_groups(tmp_path, digits):
+    """Alternating groups with their own settings: 6 steps straight == 3, stop, resume 3 (weights, EMA and its
+    update count, both optimizers' states)."""
+    n = 6
+    make_critic_trainer(tmp_path / "a", digits, max_steps=n, checkpoint_every=n // 2).train()
+    make_critic_trainer(tmp_path / "b", digits, max_steps=n // 2, total_steps=n).train()
+    make_critic_trainer(tmp_path / "b", digits, max_steps=n, seed=7).train(resume=True)
+    a, b = (tmp_path / f"{r}/checkpoints/checkpoint-{n:08d}" for r in "ab")
+    for name in ("networks.safetensors", "ema.safetensors"):
+        ta, tb = load_file(a / name), load_file(b / name)
+        assert ta.keys() == tb.keys() and all(torch.equal(ta[k], tb[k]) for k in ta), name
+    assert not any("warning" in json.loads(line) for line in (tmp_path / "b/train_log.jsonl").read_text().splitlines())
+    sa, sb = (json.loads((p / "trainer_state.json").read_text()) for p in (a, b))
+    assert sa["ema_updates"] == sb["ema_updates"] == {"unet": 3}
+    oa, ob = (torch.load(p / "optimizers.pt", weights_only=True)["optimizers"] for p in (a, b))
+    for ga, gb in zip(oa, ob):
+        assert ga["param_groups"] == gb["param_groups"]
+        for k in ga["state"]:
+            assert all(torch.equal(ga["state"][k][s], gb["state"][k][s]) for s in ga["state"][k])
+    assert oa[1]["param_groups"][0]["betas"] == (0.5, 0.9) and oa[1]["param_groups"][0]["lr"] == 5e-3
+    mid = load_file(tmp_path / f"a/checkpoints/checkpoint-{n // 2:08d}/networks.safetensors")
+    final = load_file(a / "networks.safetensors")
+    assert not all(torch.equal(mid[k], final[k]) for k in final)

@@ -22,8 +22,16 @@ class TrainingMethod(nn.Module):
         raise NotImplementedError
 
     def groups_for_step(self, step: int) -> list[str]:
-        """Which groups take an optimizer step at ``step`` (alternating GAN updates override this)."""
+        """Which groups take an optimizer step at ``step`` (alternating GAN updates override this). The Trainer
+        updates an evaluation EMA only after steps in which a group holding its parameters was stepped."""
         return list(self.trainable_groups())
+
+    def optimizer_settings(self) -> dict[str, dict[str, Any]]:
+        """Per-group optimizer settings that differ from the Trainer's defaults (``TrainConfig.learning_rate``,
+        ``adam_betas``, ``weight_decay``): ``{group: {"lr": float, "betas": (b1, b2), "weight_decay": float}}``, any
+        subset of the keys (e.g. a GAN discriminator's ``{"discriminator": {"betas": (0.5, 0.9)}}``).
+        ``TrainConfig.group_optimizer_settings`` overrides these key by key."""
+        return {}
 
     def ema_modules(self) -> dict[str, nn.Module]:
         """Networks that get an evaluation EMA (the exported pipeline uses these averages)."""

@@ -31,18 +31,26 @@ Choices (and where they differ from sony/ctm; all documented at the arguments):
 * Target inner map: ``target_inner="student"`` (default) is the reference's ``ctm_target_inner_type='model_sg'``:
   the *current* student weights under stop-gradient, G_theta(x_u, u, s). ``"target"`` uses the EMA weights instead
   (``'target_model_sg'``, the paper's G_sg(theta) read as the target network; used by later forks of the code).
-* Distance: LPIPS (CTM's default, ``loss_norm='lpips'`` at 224 px) needs downloaded VGG/AlexNet weights, which are
-  not available offline, so the default is the pixel pseudo-Huber distance of iCT (c = 0.00054 sqrt(d));
-  ``"l2"`` is the per-sample mean squared error and ``"digits_features"`` the squared distance between the 64-d
-  features of the embedded digits classifier (:class:`gensample.metrics.features.DigitsClassifier`, frozen): a
-  learned perceptual distance in the spirit of LPIPS for the digits data.
+* Distance: ``"lpips"`` is CTM's default (``loss_norm='lpips'``): LPIPS (:mod:`gensample.metrics.lpips`) on images
+  bilinearly upsampled to 224 px, with weights the user supplies (``lpips_weights``: the torchvision VGG16/AlexNet
+  file + the ``lpips`` package's lin file, or one combined file); nothing is downloaded, so it is not our default.
+  sony/ctm uses ``piq.LPIPS(replace_pooling=True)`` (VGG16 with average pooling: ``lpips_pooling="avg"``) on
+  (x + 1)/2, which equals LPIPS' ScalingLayer on x; it upsamples only images smaller than 256 px, ours resize to
+  ``lpips_resize`` whatever the size (None: no resize). The default is the pixel pseudo-Huber distance of iCT
+  (c = 0.00054 sqrt(d)); ``"l2"`` is the per-sample mean squared error and ``"digits_features"`` the squared
+  distance between the 64-d features of the embedded digits classifier
+  (:class:`gensample.metrics.features.DigitsClassifier`, frozen): a learned perceptual distance in the spirit of
+  LPIPS for the digits data. The LPIPS network is frozen, moves with the method (``.to``) but is not part of its
+  state dict (checkpoints do not carry it; ``method_config`` records its weights' sha256).
 * Teacher and target network run in eval mode (no dropout; our choice). The student's two passes (estimate, and
   the stop-gradient inner map of the target) are separate calls, so with dropout they draw independent masks.
 * k (the number of Heun steps) is drawn from a generator seeded by (seed, step): one value per step on every process
   (sony/ctm broadcasts it from rank 0) that a resumed run reproduces; t, s and the noise use the global RNG, which
   the Trainer checkpoints.
 * GAN: a small trainable multi-scale discriminator on pixels with DiffAugment (:mod:`gensample.models.discriminator`)
-  instead of the frozen DeiT/EfficientNet projected discriminator (offline); see there.
+  instead of the frozen DeiT/EfficientNet projected discriminator (offline); see there. Its Adam optimizer takes
+  betas (0.5, 0.9) as in CTM (``discriminator_betas``) and the Trainer's lr unless ``discriminator_lr`` is given
+  (CTM CIFAR-10: RAdam, D lr 2e-3 with G lr 4e-4); the Trainer's evaluation EMA is not moved by discriminator steps.
 * Under ``torch.no_grad()`` (evaluation) the adaptive weights cannot be formed (they need gradients) and are 1.
 """
 from __future__ import annotations
@@ -68,7 +76,7 @@ from .edm import edm_loss_weight
 
 __all__ = ["CTMTraining", "CTM_DISTANCES", "adaptive_weight", "teacher_heun_solve"]
 
-CTM_DISTANCES = ("pseudo_huber", "l2", "digits_features")
+CTM_DISTANCES = ("pseudo_huber", "l2", "digits_features", "lpips")
 TARGET_INNER = ("student", "target")
 #: (min, max) clamps of the adaptive weights (sony/ctm ``calculate_adaptive_weight``; GAN: ``get_GAN_loss``)
 DSM_WEIGHT_CLAMP = (0.0, 1e4)
@@ -177,7 +185,12 @@ class CTMTraining(TrainingMethod):
         target_ema: mu of the target network theta- <- mu theta- + (1 - mu) theta (CTM ``start_ema`` 0.999).
         target_inner: "student" (CTM default ``model_sg``) or "target" (``target_model_sg``): whose weights map
             x_u to s inside the target.
-        distance: "pseudo_huber" (default; LPIPS is not available offline), "l2" or "digits_features".
+        distance: "pseudo_huber" (default), "l2", "digits_features" or "lpips" (needs ``lpips_weights``).
+        lpips_weights: for distance="lpips": one combined file (:func:`gensample.metrics.lpips.save_lpips_weights`)
+            or (backbone, lin) paths: torchvision's ``vgg16-397923af.pth`` / ``alexnet-owt-7be5be79.pth`` and the
+            ``lpips`` package's ``vgg.pth`` / ``alex.pth``; the trunk (VGG16 or AlexNet) follows from the files.
+        lpips_resize: side to which LPIPS inputs are bilinearly resized (CTM: 224); None: no resize.
+        lpips_pooling: "max" (LPIPS) or "avg" (VGG only; sony/ctm's ``piq.LPIPS(replace_pooling=True)``).
         huber_c: pseudo-Huber c (default 0.00054 sqrt(C H W)).
         dsm_weight: w_DSM (CTM ``denoising_weight`` 1.0); 0 disables the DSM term.
         dsm_p_mean, dsm_p_std: the log-normal half of the DSM sigmas (-1.2, 1.2).
@@ -190,6 +203,8 @@ class CTMTraining(TrainingMethod):
             term) and odd offsets discriminator steps (``g_learning_period=2``).
         gan_augment: DiffAugment policy ("" for none); drawn independently for real and fake images.
         discriminator: the discriminator (default ``Discriminator(in_channels, 32, num_scales=2)``).
+        discriminator_lr: the discriminator's learning rate (None: the Trainer's ``learning_rate``).
+        discriminator_betas: the discriminator's Adam betas (CTM: (0.5, 0.9)).
         sigma_min, sigma_max, rho: the grid; sigma_min is also the end time of the outer map G(., s, sigma_min).
         sigma_data: the student's preconditioning (default: the teacher's; must match it when known).
         sample_gamma: default gamma of the exported pipeline's scheduler (0: deterministic jumps).
@@ -209,6 +224,9 @@ class CTMTraining(TrainingMethod):
         target_inner: str = "student",
         distance: str = "pseudo_huber",
         huber_c: float | None = None,
+        lpips_weights: Any = None,
+        lpips_resize: int | None = 224,
+        lpips_pooling: str = "max",
         dsm_weight: float = 1.0,
         dsm_p_mean: float = -1.2,
         dsm_p_std: float = 1.2,
@@ -218,6 +236,8 @@ class CTMTraining(TrainingMethod):
         gan_start_step: int = 0,
         gan_augment: str = "color,translation,cutout",
         discriminator: nn.Module | None = None,
+        discriminator_lr: float | None = None,
+        discriminator_betas: tuple[float, float] = (0.5, 0.9),
         sigma_min: float = SIGMA_MIN,
         sigma_max: float = SIGMA_MAX,
         rho: float = RHO,
@@ -241,8 +261,20 @@ class CTMTraining(TrainingMethod):
         if target_inner not in TARGET_INNER:
             raise ValueError(f"target_inner must be one of {TARGET_INNER}, got {target_inner!r}.")
         if distance not in CTM_DISTANCES:
-            raise ValueError(f"distance must be one of {CTM_DISTANCES} (LPIPS needs downloaded weights and is not "
-                             f"offered), got {distance!r}.")
+            raise ValueError(f"distance must be one of {CTM_DISTANCES}, got {distance!r}.")
+        if distance == "lpips" and lpips_weights is None:
+            from ..metrics.lpips import lpips_weights_help
+
+            raise ValueError(f"distance='lpips' needs lpips_weights (CLI: --lpips-weights). {lpips_weights_help()}")
+        if distance != "lpips" and lpips_weights is not None:
+            raise ValueError(f"lpips_weights were given but distance={distance!r}; pass distance='lpips' to use them.")
+        if lpips_resize is not None and (not isinstance(lpips_resize, int) or lpips_resize < 1):
+            raise ValueError(f"lpips_resize must be a positive int or None, got {lpips_resize!r}.")
+        if discriminator_lr is not None and not discriminator_lr > 0:
+            raise ValueError(f"discriminator_lr must be > 0, got {discriminator_lr}.")
+        discriminator_betas = tuple(float(b) for b in discriminator_betas)
+        if len(discriminator_betas) != 2 or not all(0.0 <= b < 1.0 for b in discriminator_betas):
+            raise ValueError(f"discriminator_betas must be two numbers in [0, 1), got {discriminator_betas}.")
         if huber_c is not None and huber_c <= 0:
             raise ValueError(f"huber_c must be > 0, got {huber_c}.")
         if dsm_weight < 0 or gan_weight < 0:
@@ -285,6 +317,17 @@ class CTMTraining(TrainingMethod):
             from ..metrics.features import load_digits_classifier
 
             self.feature_net = load_digits_classifier().requires_grad_(False).eval()
+        lpips = None
+        if distance == "lpips":
+            from ..metrics.lpips import load_lpips
+
+            if student.config.in_channels not in (1, 3):
+                raise ValueError(f"distance='lpips' compares 1- or 3-channel images; this student has "
+                                 f"{student.config.in_channels} channels (latents?). Use another distance.")
+            lpips = load_lpips(lpips_weights, resize=lpips_resize, pooling=lpips_pooling)
+        # Frozen and loaded from the user's files: kept out of the module tree (so out of state_dict and
+        # checkpoints); _apply moves it with the method.
+        object.__setattr__(self, "lpips", lpips)
         self.discriminator: nn.Module | None = None
         if gan:
             self.discriminator = discriminator if discriminator is not None else Discriminator(
@@ -300,11 +343,18 @@ class CTMTraining(TrainingMethod):
         self.dsm_uniform_max = float(dsm_uniform_max)
         self.gan, self.gan_weight, self.gan_start_step = bool(gan), float(gan_weight), gan_start_step
         self.gan_augment = gan_augment
+        self.discriminator_lr, self.discriminator_betas = discriminator_lr, discriminator_betas
         self.sigma_min, self.sigma_max, self.rho = float(sigma_min), float(sigma_max), float(rho)
         self.sigma_data = float(sigma_data)
         self.sample_gamma, self.seed = float(sample_gamma), int(seed)
         #: the descending N-point grid (float64, CPU; a plain attribute so that .to(dtype) never rounds it)
         self.grid = ctm_sigmas(num_sigmas, sigma_min, sigma_max, rho)
+
+    def _apply(self, fn, *args, **kwargs):
+        super()._apply(fn, *args, **kwargs)
+        if self.__dict__.get("lpips") is not None:
+            self.lpips._apply(fn, *args, **kwargs)
+        return self
 
     # -- roles ------------------------------------------------------------------------------------------------------
     def train(self, mode: bool = True) -> "CTMTraining":
@@ -321,6 +371,16 @@ class CTMTraining(TrainingMethod):
         if self.discriminator is not None:
             groups["discriminator"] = self.discriminator
         return groups
+
+    def optimizer_settings(self) -> dict[str, dict[str, Any]]:
+        """The discriminator's Adam betas (and lr when ``discriminator_lr`` is set); the generator takes the
+        Trainer's settings."""
+        if self.discriminator is None:
+            return {}
+        settings: dict[str, Any] = {"betas": self.discriminator_betas}
+        if self.discriminator_lr is not None:
+            settings["lr"] = self.discriminator_lr
+        return {"discriminator": settings}
 
     def gan_active(self, step: int) -> bool:
         """Whether the GAN phase has begun at ``step``."""
@@ -387,6 +447,8 @@ class CTMTraining(TrainingMethod):
         if self.distance_name == "pseudo_huber":
             c = self.huber_c if self.huber_c is not None else pseudo_huber_constant(x[0].numel())
             return pseudo_huber(x, y, c)
+        if self.distance_name == "lpips":
+            return self.lpips(x, y)
         fx, fy = self.feature_net.features(x.float()), self.feature_net.features(y.float())
         return (fx - fy).square().mean(1)
 
@@ -486,5 +548,12 @@ class CTMTraining(TrainingMethod):
                     dsm_uniform_max=self.dsm_uniform_max, gan=self.gan, gan_weight=self.gan_weight,
                     gan_start_step=self.gan_start_step, gan_augment=self.gan_augment, sigma_min=self.sigma_min,
                     sigma_max=self.sigma_max, rho=self.rho, sigma_data=self.sigma_data,
-                    sample_gamma=self.sample_gamma, seed=self.seed)
+                    sample_gamma=self.sample_gamma, seed=self.seed, **self._lpips_config())
+
+    def _lpips_config(self) -> dict[str, Any]:
+        """LPIPS settings, only for distance="lpips" (other runs keep the method_config of earlier versions)."""
+        if self.lpips is None:
+            return {}
+        return dict(lpips_net=self.lpips.net, lpips_resize=self.lpips.resize, lpips_pooling=self.lpips.pooling,
+                    lpips_weights_sha256=self.lpips.weights_sha256)
 

@@ -1,5 +1,6 @@
 """FID / KID evaluation on torchmetrics: feature extractors (digits CNN, FID Inception-v3), statistics files,
-``fid(...)``, a training-hook evaluator, and the ``gensample fid`` / ``fid-stats`` subcommands (``metrics.cli``)."""
+``fid(...)``, a training-hook evaluator, and the ``gensample fid`` / ``fid-stats`` subcommands (``metrics.cli``);
+the LPIPS distance from user-supplied weights (``metrics.lpips``)."""
 from .features import DigitsClassifier, DigitsFeatureExtractor, get_feature_extractor, load_digits_classifier
 from .fid import (
     FeatureStats,
@@ -15,8 +16,10 @@ from .fid import (
     save_stats,
 )
 from .inception import FIDInceptionV3, load_fid_inception
+from .lpips import LPIPS, load_lpips, save_lpips_weights
 
 __all__ = [
+    "LPIPS",
     "DigitsClassifier",
     "DigitsFeatureExtractor",
     "FIDEvaluator",
@@ -32,6 +35,8 @@ __all__ = [
     "get_feature_extractor",
     "load_digits_classifier",
     "load_fid_inception",
+    "load_lpips",
     "load_stats",
+    "save_lpips_weights",
     "save_stats",
 ]

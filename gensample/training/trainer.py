@@ -53,6 +53,38 @@ class TrainConfig:
     cpu: bool = False
     progress: bool = True
     extra: dict = field(default_factory=dict)  # free-form, recorded in the run config
+    #: per-group overrides {group: {"lr", "betas", "weight_decay"}} on top of the method's
+    #: ``optimizer_settings()`` (which in turn override learning_rate / adam_betas / weight_decay above)
+    group_optimizer_settings: dict = field(default_factory=dict)
+
+
+OPTIMIZER_KEYS = ("lr", "betas", "weight_decay")
+
+
+def resolve_optimizer_settings(method: TrainingMethod, config: TrainConfig) -> dict[str, dict]:
+    """{group: {"lr", "betas", "weight_decay"}} for every optimizer group of ``method``: the config's defaults,
+    then the method's :meth:`~gensample.methods.base.TrainingMethod.optimizer_settings`, then
+    ``config.group_optimizer_settings``; unknown groups or keys and invalid values raise a ValueError."""
+    groups = list(method.trainable_groups())
+    resolved = {g: {"lr": float(config.learning_rate), "betas": tuple(float(b) for b in config.adam_betas),
+                    "weight_decay": float(config.weight_decay)} for g in groups}
+    for source, overrides in (("the method's optimizer_settings()", method.optimizer_settings() or {}),
+                              ("TrainConfig.group_optimizer_settings", config.group_optimizer_settings or {})):
+        for group, settings in overrides.items():
+            if group not in resolved:
+                raise ValueError(f"{source} names optimizer group {group!r}, but the method has the groups {groups}.")
+            unknown = set(settings) - set(OPTIMIZER_KEYS)
+            if unknown:
+                raise ValueError(f"{source} for group {group!r}: unknown keys {sorted(unknown)}; allowed: "
+                                 f"{list(OPTIMIZER_KEYS)}.")
+            for key, value in settings.items():
+                resolved[group][key] = tuple(float(b) for b in value) if key == "betas" else float(value)
+    for group, st in resolved.items():
+        b = st["betas"]
+        if not st["lr"] > 0 or st["weight_decay"] < 0 or len(b) != 2 or not all(0.0 <= x < 1.0 for x in b):
+            raise ValueError(f"optimizer group {group!r}: need lr > 0, weight_decay >= 0 and two betas in [0, 1), "
+                             f"got {st}.")
+    return resolved
 
 
 class BatchSampler:
@@ -139,13 +171,16 @@ class Trainer:
 
         self.method = method.to(acc.device)
         self.group_names = list(method.trainable_groups())
+        self.optimizer_settings = resolve_optimizer_settings(method, config)
         self.optimizers, self.lr_schedulers = [], []
+        group_params: dict[str, set[int]] = {}
         for name, module in method.trainable_groups().items():
             params = [p for p in module.parameters() if p.requires_grad]
             if not params:
                 raise ValueError(f"method group {name!r} has no trainable parameters.")
-            opt = torch.optim.Adam(params, lr=config.learning_rate, betas=tuple(config.adam_betas),
-                                   weight_decay=config.weight_decay)
+            group_params[name] = {id(p) for p in params}
+            st = self.optimizer_settings[name]
+            opt = torch.optim.Adam(params, lr=st["lr"], betas=st["betas"], weight_decay=st["weight_decay"])
             warm = max(0, config.lr_warmup_steps)
             self.lr_schedulers.append(torch.optim.lr_scheduler.LambdaLR(
                 opt, lambda s, w=warm: min(1.0, (s + 1) / w) if w > 0 else 1.0))
@@ -153,6 +188,11 @@ class Trainer:
         prepared = acc.prepare(self.method, *self.optimizers)
         self.model, self.optimizers = prepared[0], list(prepared[1:])
         self.emas = {name: EMA(m, config.ema_rate, config.ema_warmup) for name, m in method.ema_modules().items()}
+        #: per EMA, the optimizer groups that hold its parameters: the EMA is updated only after a step in which one
+        #: of them took an optimizer step (a discriminator-only step leaves the generator's EMA alone). An EMA whose
+        #: parameters no group optimises (changed by hooks, if at all) is updated after every step.
+        self.ema_groups = {name: [g for g, ids in group_params.items() if ids & {id(p) for p in m.parameters()}]
+                           for name, m in method.ema_modules().items()}
         self.sampler = BatchSampler(dataset, config.batch_size, seed=config.seed * 1000 + self.rank)
         self.step = 0
         self.history: list[tuple[int, float]] = []
@@ -164,8 +204,9 @@ class Trainer:
         cfg = asdict(self.config)
         cfg["adam_betas"] = list(cfg["adam_betas"])
         cfg["sample_steps"] = list(cfg["sample_steps"])
+        optimizers = {g: {**st, "betas": list(st["betas"])} for g, st in self.optimizer_settings.items()}
         return {"method": self.method.method_name, "method_config": self.method.method_config(), "train": cfg,
-                "num_processes": self.world}
+                "optimizers": optimizers, "num_processes": self.world}
 
     def save_checkpoint(self) -> Path | None:
         acc = self.accelerator
@@ -236,7 +277,13 @@ class Trainer:
                 e.load_state_dict({k[len(prefix):]: v for k, v in tensors.items() if k.startswith(prefix)},
                                   state["ema_updates"][name])
         opt_state = torch.load(path / "optimizers.pt", map_location=self.accelerator.device, weights_only=True)
-        for o, s in zip(self.optimizers, opt_state["optimizers"]):
+        for name, o, s in zip(self.group_names, self.optimizers, opt_state["optimizers"]):
+            saved = s["param_groups"][0]
+            saved = {"lr": saved.get("initial_lr", saved.get("lr")), "betas": tuple(saved.get("betas", ())),
+                     "weight_decay": saved.get("weight_decay")}
+            if saved != self.optimizer_settings[name]:
+                self._warn(f"optimizer group {name!r}: the checkpoint's settings {saved} differ from the configured "
+                           f"{self.optimizer_settings[name]}; the checkpoint's are restored with its state.")
             o.load_state_dict(s)
         for sch, s in zip(self.lr_schedulers, opt_state["lr_schedulers"]):
             sch.load_state_dict(s)
@@ -310,6 +357,7 @@ class Trainer:
         last = {}
         while self.step < cfg.max_steps:
             self.model.train()
+            stepped: set[str] = set()
             for group in self.method.groups_for_step(self.step):
                 gi = self.group_names.index(group)
                 opt = self.optimizers[gi]
@@ -327,6 +375,8 @@ class Trainer:
                 if cfg.max_grad_norm:
                     acc.clip_grad_norm_(opt.optimizer.param_groups[0]["params"], cfg.max_grad_norm)
                 opt.step()
+                if not getattr(opt, "step_was_skipped", False):  # fp16: the GradScaler skips inf/NaN steps
+                    stepped.add(group)
                 self.lr_schedulers[gi].step()
                 opt.zero_grad(set_to_none=True)
                 last.update({f"{group}/{k}" if len(self.group_names) > 1 else k: float(v.detach())
@@ -334,7 +384,9 @@ class Trainer:
             unwrapped = acc.unwrap_model(self.model)
             ema_sources = unwrapped.ema_modules()
             for name, e in self.emas.items():
-                e.update(ema_sources[name])
+                owners = self.ema_groups[name]
+                if not owners or stepped.intersection(owners):
+                    e.update(ema_sources[name])
             unwrapped.after_optimizer_step(self.step)
             self.step += 1
             loss_value = last.get("loss", next(iter(last.values())))
@@ -344,6 +396,9 @@ class Trainer:
                 rate = (self.step - start_step) / max(time.time() - t0, 1e-9)
                 bar.set_postfix(loss=f"{loss_value:.4g}", it_s=f"{rate:.2f}")
                 record = {"step": self.step, **last, "lr": self.lr_schedulers[0].get_last_lr()[0], "steps_per_s": rate}
+                if len(self.group_names) > 1:
+                    record.update({f"{g}/lr": sch.get_last_lr()[0]
+                                   for g, sch in zip(self.group_names[1:], self.lr_schedulers[1:])})
                 self._write_log(record)
                 if cfg.report_to:
                     acc.log(record, step=self.step)
