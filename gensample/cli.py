@@ -71,6 +71,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_ctm_train_subparsers(train_sub)
     from .cli_lct import add_train_subparsers as add_lct_train_subparsers  # lazy, as cli_edm
     add_lct_train_subparsers(train_sub)
+    from .cli_video import add_train_subparsers as add_video_train_subparsers  # lazy, as cli_edm
+    add_video_train_subparsers(train_sub)
 
     sample = sub.add_parser("sample", help="sample a grid from a saved pipeline")
     sample.add_argument("pipeline", help="folder written by save_pretrained (e.g. runs/ict/pipeline)")
@@ -88,11 +90,49 @@ def build_parser() -> argparse.ArgumentParser:
     sample.add_argument("--save-images", default=None, help="also write each image as PNG into this folder")
     sample.set_defaults(func=cmd_sample)
 
+    video = sub.add_parser("video", help="motion-guided video generation (MotionGuidedVideoPipeline): GIF + strip PNG")
+    video.add_argument("--model", required=True, help="a saved MotionGuidedVideoPipeline folder (e.g. "
+                       "runs/video/pipeline or assets/pipelines/video-digits)")
+    video.add_argument("--reference", default=None, help="reference clip (animated GIF) whose motion is copied")
+    video.add_argument("--direction", type=float, default=None,
+                       help="moving-digits models: use a held-out digit moving in this direction (degrees) instead")
+    video.add_argument("--digit-index", type=int, default=3, help="with --direction: which held-out digit")
+    video.add_argument("--prompt", default=None, help="text prompt (models with a text encoder)")
+    video.add_argument("--guidance-scale", type=float, default=7.5, help="classifier-free guidance scale")
+    video.add_argument("--output", default="out.gif", help="GIF path; also writes OUTPUT-strip.png and OUTPUT.json")
+    video.add_argument("--num-videos", type=_positive_int, default=1)
+    video.add_argument("--num-frames", type=_positive_int, default=None, help="default: the reference's length")
+    video.add_argument("--num-inference-steps", type=_positive_int, default=25)
+    video.add_argument("--weight", type=float, default=None,
+                       help="motion guidance weight sigma_t (paper: 1e4 for its model; default: the pipeline's "
+                            "recommended value or 1e4)")
+    video.add_argument("--guidance-fraction", type=float, default=0.5, help="fraction of steps guided, from the first")
+    video.add_argument("--local-range", type=_positive_int, default=8)
+    video.add_argument("--keypoint", type=float, nargs=2, default=None, metavar=("X", "Y"),
+                       help="keypoint on frame 0 in [0, 1] (default: automatic, the moving foreground)")
+    video.add_argument("--reference-mode", choices=["noised", "inverted"], default="noised")
+    video.add_argument("--init-noise", choices=["random", "ddim_inversion", "lowfreq_mix", "ddim_inversion+lowfreq_mix"],
+                       default="ddim_inversion", help="initial noise with a reference (paper: ddim_inversion)")
+    video.add_argument("--no-guidance", action="store_true", help="initial-noise control only (weight 0)")
+    video.add_argument("--seed", type=int, default=0)
+    video.add_argument("--fps", type=float, default=4)
+    video.add_argument("--cpu-threads", type=int, default=None)
+    video.set_defaults(func=cmd_video)
+
     demo = sub.add_parser("demo", help="the main job on the embedded digits, in a few minutes on a CPU")
     demo.add_argument("--output", default="runs/demo")
     demo.add_argument("--train-steps", type=_positive_int, default=100)
     demo.add_argument("--pipeline", default=None, help="pipeline to start from (default: the shipped ict-digits)")
     demo.add_argument("--fid-num-images", type=_positive_int, default=1000)
+    demo.add_argument("--method", choices=["ict", "lct", "video"], default="ict",
+                      help="ict: shipped iCT + fine-tuning; lct: the latent (VAE) path; video: motion guidance")
+    demo.add_argument("--direction", type=float, default=0.0,
+                      help="video: direction of the reference's motion in degrees (0 = right, 90 = up)")
+    demo.add_argument("--video-num-seeds", type=_positive_int, default=16, help="video: videos per setting")
+    demo.add_argument("--video-steps", type=_positive_int, default=25, help="video: DDIM steps")
+    demo.add_argument("--video-weight", type=float, default=None, help="video: guidance weight sigma_t "
+                      "(default: the value tuned for the shipped model, benchmarks/RESULTS.md)")
+    demo.add_argument("--video-guidance-fraction", type=float, default=0.5, help="video: fraction of guided steps")
     demo.set_defaults(func=cmd_demo)
 
     try:
@@ -212,6 +252,12 @@ def cmd_sample(args) -> Path:
             Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).save(folder / f"{i:06d}.png")
     print(f"wrote {out} ({args.num_images} images, {elapsed:.2f}s)")
     return out
+
+
+def cmd_video(args) -> dict:
+    from .video.generate import run_video
+
+    return run_video(args)
 
 
 def cmd_demo(args) -> dict:

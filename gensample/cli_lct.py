@@ -171,7 +171,8 @@ def cmd_train_lct(args) -> dict:
     if args.fid_every:
         from .metrics.fid import FIDEvaluator
 
-        evaluate = FIDEvaluator(reference="digits" if args.data == "digits" else args.data, feature="digits",
+        reference = f"digits@{resolution}" if args.data == "digits" else args.data  # same resize on both sides
+        evaluate = FIDEvaluator(reference=reference, feature="digits",
                                 num_images=args.fid_num_images, steps=tuple(args.sample_steps), progress=False)
     trainer = Trainer(method, latents, config, evaluate=evaluate, evaluate_every=args.fid_every)
     resume = False if args.resume is None else (True if args.resume == "latest" else args.resume)

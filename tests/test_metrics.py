@@ -387,3 +387,17 @@ def test_two_process_evaluation_matches_single_process(tmp_path, tiny_pipeline):
     one, two = (json.loads((tmp_path / f).read_text())[0] for f in ("one.json", "two.json"))
     assert two["protocol"]["processes"] == 2
     assert two["fid"] == pytest.approx(one["fid"], rel=1e-9) and two["kid_mean"] == pytest.approx(one["kid_mean"])
+
+
+def test_digits_reference_at_another_resolution_goes_through_the_same_resize():
+    from gensample.data.digits import load_digits
+    from gensample.metrics.fid import fid, parse_digits_reference
+
+    assert parse_digits_reference("digits") == ("train", 8)
+    assert parse_digits_reference("digits:heldout@32") == ("heldout", 32)
+    with pytest.raises(ValueError, match="resolution"):
+        parse_digits_reference("digits@big")
+    train32 = (load_digits("train", resolution=32) + 1) / 2
+    assert abs(fid(train32, "digits@32", progress=False).fid) < 1e-6
+    # against the 8-px reference the same real digits look far off: the resampling blur, not the data
+    assert fid(train32, "digits", progress=False).fid > 100
