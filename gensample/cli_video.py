@@ -46,11 +46,12 @@ def add_train_subparsers(train_subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--beta-schedule", choices=["squaredcos_cap_v2", "linear", "scaled_linear"],
                    default="squaredcos_cap_v2")
     p.add_argument("--num-train-timesteps", type=_positive_int, default=1000)
-    p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default="epsilon")
-    p.add_argument("--logsnr-shift", type=float, default=0.0,
+    p.add_argument("--prediction-type", choices=["epsilon", "v_prediction"], default="v_prediction",
+                   help="what the UNet predicts (v: see gensample.methods.video_diffusion for why)")
+    p.add_argument("--logsnr-shift", type=float, default=-2.0,
                    help="shift the schedule's log-SNR by this (negative = noisier; e.g. -2 ~ -log(8 frames))")
     # run
-    p.add_argument("--checkpoint-every", type=int, default=500)
+    p.add_argument("--checkpoint-every", type=int, default=250)
     p.add_argument("--checkpoints-total-limit", type=int, default=3)
     p.add_argument("--sample-every", type=int, default=0, help="also write samples/step-N.png every N steps")
     p.add_argument("--num-sample-videos", dest="num_sample_images", type=_positive_int, default=8)

@@ -163,23 +163,24 @@ def run_video_demo(args) -> dict:
     save_gif(reference, out / "reference.gif")
     seeds = range(args.video_num_seeds)
     guidance = MotionGuidanceConfig(weight=args.video_weight, guidance_fraction=args.video_guidance_fraction)
+    weight = pipe.config.default_motion_weight if args.video_weight is None else args.video_weight
     settings = {
         "unguided": {},
         "guided": {"reference_video": reference, "init_noise": "random", "motion_guidance": guidance},
     }
     print(f"[demo] 2/3 {len(seeds)} seeds, {args.video_steps} DDIM steps, reference moving at "
-          f"{args.direction:g} degrees; with and without motion guidance (weight {args.video_weight:g})")
+          f"{args.direction:g} degrees; with and without motion guidance (weight {weight:g})")
     results = evaluate_guidance(pipe, reference, settings, seeds, num_inference_steps=args.video_steps)
     summary: dict = {"pipeline": str(source), "method": "video", "direction_degrees": args.direction,
-                     "num_inference_steps": args.video_steps, "guidance": {k: v for k, v in vars(guidance).items()
-                                                                          if k != "extra"}}
+                     "num_inference_steps": args.video_steps, "guidance": {**{k: v for k, v in vars(guidance).items()
+                                                                             if k != "extra"}, "weight": weight}}
     rows = [reference]
     for name, r in results.items():
         videos = r.pop("videos")
         save_gif(videos[0], out / f"{name}.gif")
         rows.append(videos[0])
         summary[name] = r
-        print(f"[demo]   {name}: motion cosine {r['mean_cosine']:+.3f}, endpoint error "
+        print(f"[demo]   {name}: motion cosine {r['mean_cosine']:+.3f} (s.e. {r['cosine_sem']:.3f}), endpoint error "
               f"{r['mean_endpoint_error_px']:.2f} px, digit confidence {r['confidence']:.3f}, identity kept "
               f"{r['identity']:.3f}")
     strip = save_strip_png(rows, out / "strip.png")

@@ -402,3 +402,21 @@ def test_correction_is_the_same_step_for_every_prediction_type(prediction):
     pipe = MotionGuidedVideoPipeline(unet=_tiny_unet()[2], scheduler=scheduler(prediction))
     got = pipe.scheduler.step(pipe.correct_prediction(output, shift, t), t, x_t).prev_sample
     assert torch.allclose(got, want, atol=1e-10)
+
+
+def test_digit_scores_tell_moving_digits_from_noise():
+    from gensample.data.moving_digits import make_moving_digits
+    from gensample.video.evaluation import digit_crops, digit_scores
+
+    data = make_moving_digits(8, split="heldout", seed=0)
+    crops = digit_crops(data.videos)
+    assert crops.shape == (8 * 8, 1, 12, 12)
+    # the crop is centred on the sprite: its own centre of mass sits in the middle
+    from gensample.video.motion_metrics import centre_of_mass
+
+    centres = centre_of_mass(crops.reshape(8, 8, 1, 12, 12))
+    assert torch.allclose(centres, torch.full_like(centres, 5.5), atol=0.75)
+    real = digit_scores(data.videos)
+    noise = digit_scores(torch.rand(8, 8, 1, 32, 32, generator=torch.Generator().manual_seed(0)) * 2 - 1)
+    assert real["identity"] > 0.9 and real["confidence"] > 0.8
+    assert noise["confidence"] < real["confidence"]

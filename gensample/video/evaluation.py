@@ -22,8 +22,8 @@ def digit_crops(videos: torch.Tensor, size: int = 12) -> torch.Tensor:
     frames = F.pad(videos.reshape(n * f, 1, h, w), (size, size, size, size), value=-1.0)
     crops = []
     for frame, (cx, cy) in zip(frames, centres.tolist()):
-        x0 = int(round(cx - size / 2)) + size
-        y0 = int(round(cy - size / 2)) + size
+        x0 = int(round(cx - (size - 1) / 2)) + size
+        y0 = int(round(cy - (size - 1) / 2)) + size
         x0, y0 = min(max(x0, 0), w + size), min(max(y0, 0), h + size)
         crops.append(frame[:, y0:y0 + size, x0:x0 + size])
     return torch.stack(crops)
@@ -71,7 +71,9 @@ def evaluate_guidance(pipe, reference: torch.Tensor, settings: dict[str, dict[st
             videos.append(out.frames * 2 - 1)  # (B, F, 1, H, W) in [-1, 1]
         videos = torch.cat(videos)
         fidelity = motion_fidelity(videos, reference)
-        results[name] = {"mean_cosine": round(fidelity["mean_cosine"], 4),
+        cos = fidelity["cosine"][~fidelity["cosine"].isnan()]
+        sem = float(cos.std() / len(cos) ** 0.5) if len(cos) > 1 else float("nan")
+        results[name] = {"mean_cosine": round(fidelity["mean_cosine"], 4), "cosine_sem": round(sem, 4),
                          "mean_endpoint_error_px": round(fidelity["mean_endpoint_error"], 3),
                          **{k: round(v, 4) for k, v in digit_scores(videos).items()},
                          "num_videos": len(seeds), "videos": videos}
