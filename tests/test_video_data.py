@@ -9,6 +9,7 @@ import numpy as np
 import PIL.Image
 import pytest
 import torch
+from diffusers import DDPMScheduler
 
 from gensample.data.digits import load_digits
 from gensample.data.moving_digits import COMPASS_DIRECTIONS, make_moving_digits, make_reference_video
@@ -260,7 +261,7 @@ def test_video_diffusion_loss_falls():
 @pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
 def test_video_diffusion_loss_target(prediction_type):
     """With a network that outputs zeros the loss is mean(target^2): eps, or v = sqrt(ab) eps - sqrt(1 - ab) x_0."""
-    method = VideoDiffusionTraining(small_unet(), prediction_type=prediction_type)
+    method = VideoDiffusionTraining(small_unet(), prediction_type=prediction_type, logsnr_shift=0.0)
     method.predict_noise = lambda x_t, t: torch.zeros_like(x_t)
     x0 = make_moving_digits(3, num_frames=4, canvas=16, sprite=8, speed=(0.5, 1.5), seed=0).videos
     torch.manual_seed(7)
@@ -330,9 +331,11 @@ def test_cli_train_video_diffusion(tmp_path):
 
 
 def test_video_scheduler_matches_training_betas(tmp_path):
-    sched = video_scheduler()
-    method = VideoDiffusionTraining(small_unet())
-    assert torch.allclose(sched.betas, method.noise_scheduler.betas)
+    sched = video_scheduler(logsnr_shift=0.0)
+    assert torch.allclose(sched.betas, DDPMScheduler(beta_schedule="squaredcos_cap_v2").betas)
+    method = VideoDiffusionTraining(small_unet())  # defaults: v-prediction, log-SNR shift -2
+    assert torch.allclose(video_scheduler().betas, method.noise_scheduler.betas)
+    assert video_scheduler().config.prediction_type == method.prediction_type == "v_prediction"
     sched.set_timesteps(10)
     assert int(sched.timesteps[0]) == 999  # trailing spacing: sampling starts at pure noise
     # shifted log-SNR: logit(alpha_bar') = logit(alpha_bar) + shift, saved with the scheduler config
