@@ -172,8 +172,7 @@ def run_video_demo(args) -> dict:
           f"{args.direction:g} degrees; with and without motion guidance (weight {weight:g})")
     results = evaluate_guidance(pipe, reference, settings, seeds, num_inference_steps=args.video_steps)
     summary: dict = {"pipeline": str(source), "method": "video", "direction_degrees": args.direction,
-                     "num_inference_steps": args.video_steps, "guidance": {**{k: v for k, v in vars(guidance).items()
-                                                                             if k != "extra"}, "weight": weight}}
+                     "num_inference_steps": args.video_steps, "guidance": {**vars(guidance), "weight": weight}}
     rows = [reference]
     for name, r in results.items():
         videos = r.pop("videos")

@@ -28,7 +28,7 @@ forward pass once every hooked module has fired, so layers after the last guided
 from __future__ import annotations
 
 import fnmatch
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Sequence
 
 import torch
@@ -96,7 +96,6 @@ class MotionGuidanceConfig:
     reference_timestep: int = 1
     truncate_forward: bool = True
     gradient_checkpointing: bool = False
-    extra: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self):
         if self.weight is not None and (self.weight < 0 or self.weight != self.weight):
