@@ -37,6 +37,20 @@ def _fid_report(pipe, steps: tuple[int, ...], num_images: int, reference: str = 
     return results
 
 
+def _sample_grids(pipe, out: Path, prefix: str) -> dict:
+    """64 digits with 1 and 2 steps (seed 0), saved as OUT/PREFIX-{n}step.png; {PREFIX_{n}step: grid, seconds}."""
+    summary = {}
+    for steps in (1, 2):
+        t0 = time.time()
+        images = pipe(batch_size=64, num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
+                      output_type="pt").images
+        dt = time.time() - t0
+        path = save_image_grid(images, out / f"{prefix}-{steps}step.png")
+        summary[f"{prefix}_{steps}step"] = {"grid": str(path), "seconds": round(dt, 3)}
+        print(f"[demo]   {steps}-step: {path} ({dt:.2f}s for 64 images)")
+    return summary
+
+
 def run_demo(args) -> dict:
     method = getattr(args, "method", "ict")
     if method == "lct":
@@ -59,14 +73,7 @@ def run_ict_demo(args) -> dict:
     summary: dict = {"pipeline": str(source)}
 
     print("[demo] 2/4 sampling 64 digits with 1 and 2 steps")
-    for steps in (1, 2):
-        t0 = time.time()
-        images = pipe(batch_size=64, num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
-                      output_type="pt").images
-        dt = time.time() - t0
-        path = save_image_grid(images, out / f"shipped-{steps}step.png")
-        summary[f"shipped_{steps}step"] = {"grid": str(path), "seconds": round(dt, 3)}
-        print(f"[demo]   {steps}-step: {path} ({dt:.2f}s for 64 images)")
+    summary.update(_sample_grids(pipe, out, "shipped"))
 
     print(f"[demo] 3/4 fine-tuning for {args.train_steps} steps with `gensample train ict`")
     run_dir = out / "finetune"
@@ -115,14 +122,8 @@ def run_lct_demo(args) -> dict:
     pipe = load_pipeline(source)
     summary: dict = {"pipeline": str(source), "method": "lct"}
     print("[demo] 2/3 sampling 64 digits with 1 and 2 steps in latent space, decoded by the VAE")
-    for steps in (1, 2):
-        t0 = time.time()
-        images = pipe(batch_size=64, num_inference_steps=steps, generator=torch.Generator().manual_seed(0),
-                      output_type="pt").images
-        path = save_image_grid(images, out / f"slct-{steps}step.png")
-        summary[f"slct_{steps}step"] = {"grid": str(path), "seconds": round(time.time() - t0, 3)}
-        print(f"[demo]   {steps}-step: {path} ({time.time() - t0:.2f}s for 64 images)")
-    print("[demo] 3/3 FID-digits of the decoded samples (reference: train split)")
+    summary.update(_sample_grids(pipe, out, "slct"))
+    print("[demo] 3/3 FID-digits of the decoded samples (reference: train split rendered at the VAE's size)")
     resolution = int(pipe.vae.config.sample_size or 32)
     reference = f"digits@{resolution}"  # the train digits rendered at the VAE's size, as its training data was
     fids = _fid_report(pipe, (1, 2), num_images=args.fid_num_images, reference=reference)

@@ -208,6 +208,16 @@ class MotionGuidedVideoPipeline(DiffusionPipeline):
         return self.unet(latents, t, encoder_hidden_states=embeds, cross_attention_kwargs=cross_attention_kwargs
                          ).sample
 
+    @torch.no_grad()
+    def _reference_patterns(self, recorder: FeatureRecorder, config: MotionGuidanceConfig, latents, t, embeds,
+                            keypoints, cross_attention_kwargs) -> tuple[dict, dict]:
+        """The reference's anchor cells and soft trajectories from one truncated UNet pass at timestep t."""
+        features = recorder.run(self.unet, self.scheduler.scale_model_input(latents, t), t,
+                                encoder_hidden_states=embeds, cross_attention_kwargs=cross_attention_kwargs,
+                                truncate=True)
+        anchors = reference_trajectories(features, keypoints, config.local_range, config.logit_scale)
+        return anchors, motion_patterns(features, anchors, config.local_range, config.logit_scale)
+
     def _motion_gradient(self, recorder: FeatureRecorder, config: MotionGuidanceConfig, latents, t, cond_embeds,
                          anchors, reference_patterns, cross_attention_kwargs) -> tuple[torch.Tensor, float, int]:
         """grad_z L_c at the current latent, L_c (batch mean) and the bytes autograd saved for the backward pass."""
@@ -389,11 +399,8 @@ class MotionGuidedVideoPipeline(DiffusionPipeline):
                                      else generator[0], device=device, dtype=reference.dtype)
                 noised = self.scheduler.add_noise(reference, noise, t_ref)
                 with recorder:
-                    ref_features = recorder.run(self.unet, self.scheduler.scale_model_input(noised, t_ref[0]),
-                                                t_ref[0], encoder_hidden_states=uncond_single,
-                                                cross_attention_kwargs=cross_attention_kwargs, truncate=True)
-                anchors = reference_trajectories(ref_features, keypoints, config.local_range, config.logit_scale)
-                reference_patterns = motion_patterns(ref_features, anchors, config.local_range, config.logit_scale)
+                    anchors, reference_patterns = self._reference_patterns(
+                        recorder, config, noised, t_ref[0], uncond_single, keypoints, cross_attention_kwargs)
 
         # ---- denoising loop (AnimateDiffPipeline's, plus the guidance correction)
         motion_loss: list[float] = []
@@ -410,13 +417,8 @@ class MotionGuidedVideoPipeline(DiffusionPipeline):
                     if i < guided_steps:
                         if config.reference_mode == "inverted":
                             key = min(inverted, key=lambda k: abs(k - int(t)))
-                            ref_input = self.scheduler.scale_model_input(inverted[key], t)
-                            ref_features = recorder.run(self.unet, ref_input, t, encoder_hidden_states=uncond_single,
-                                                        cross_attention_kwargs=cross_attention_kwargs, truncate=True)
-                            anchors = reference_trajectories(ref_features, keypoints, config.local_range,
-                                                             config.logit_scale)
-                            reference_patterns = motion_patterns(ref_features, anchors, config.local_range,
-                                                                 config.logit_scale)
+                            anchors, reference_patterns = self._reference_patterns(
+                                recorder, config, inverted[key], t, uncond_single, keypoints, cross_attention_kwargs)
                         grad, loss, saved = self._motion_gradient(recorder, config, latents, t, cond_embeds, anchors,
                                                                   reference_patterns, cross_attention_kwargs)
                         motion_loss.append(loss)
