@@ -28,6 +28,12 @@ def _add_train_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--gradient-accumulation-steps", type=_positive_int, default=1)
     p.add_argument("--learning-rate", "--lr", type=float, default=2e-4)
     p.add_argument("--lr-warmup-steps", type=int, default=0)
+    p.add_argument("--lr-schedule", choices=["constant", "cosine", "linear"], default="constant",
+                   help="after warm-up: constant, or cosine/linear decay to --lr-final-fraction of the rate at "
+                        "--max-steps")
+    p.add_argument("--lr-final-fraction", type=float, default=0.0)
+    p.add_argument("--lr-decay-steps", type=_positive_int, default=None,
+                   help="steps the decay spans (default --max-steps; keep it fixed when training in legs)")
     p.add_argument("--max-grad-norm", type=float, default=None)
     p.add_argument("--ema-rate", type=float, default=0.999)
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
@@ -150,7 +156,9 @@ def _train_config(args, method_extra: dict):
     return TrainConfig(
         output_dir=args.output, max_steps=args.max_steps, batch_size=args.batch_size,
         gradient_accumulation_steps=args.gradient_accumulation_steps, learning_rate=args.learning_rate,
-        lr_warmup_steps=args.lr_warmup_steps, max_grad_norm=args.max_grad_norm, ema_rate=args.ema_rate,
+        lr_warmup_steps=args.lr_warmup_steps, lr_schedule=getattr(args, "lr_schedule", "constant"),
+        lr_final_fraction=getattr(args, "lr_final_fraction", 0.0), lr_decay_steps=getattr(args, "lr_decay_steps", None),
+        max_grad_norm=args.max_grad_norm, ema_rate=args.ema_rate,
         mixed_precision=args.mixed_precision, seed=args.seed, checkpoint_every=args.checkpoint_every,
         checkpoints_total_limit=args.checkpoints_total_limit, sample_every=args.sample_every,
         num_sample_images=args.num_sample_images, log_every=args.log_every, report_to=args.report_to, cpu=args.cpu,

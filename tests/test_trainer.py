@@ -297,3 +297,56 @@ def test_resume_is_exact_with_two_groups(tmp_path, digits):
     mid = load_file(tmp_path / f"a/checkpoints/checkpoint-{n // 2:08d}/networks.safetensors")
     final = load_file(a / "networks.safetensors")
     assert not all(torch.equal(mid[k], final[k]) for k in final)
+
+
+# -- learning-rate schedules ------------------------------------------------------------------------------------------
+
+def test_lr_multiplier_matches_formulas():
+    import math
+
+    from gensample.training.lr_schedule import lr_multiplier
+
+    # cosine from 1 to 0 over 100 steps: 1 at 0, cos^2-shaped, 0.5 at the half, 0 at the end and after it
+    assert lr_multiplier(0, "cosine", 0, 100) == 1.0
+    assert lr_multiplier(25, "cosine", 0, 100) == pytest.approx((1 + math.sqrt(0.5)) / 2)
+    assert lr_multiplier(50, "cosine", 0, 100) == pytest.approx(0.5)
+    assert lr_multiplier(100, "cosine", 0, 100) == pytest.approx(0.0, abs=1e-12)
+    assert lr_multiplier(150, "cosine", 0, 100) == pytest.approx(0.0, abs=1e-12)
+    # warm-up first, then linear decay to a floor of 10%
+    assert [lr_multiplier(s, "linear", 10, 110, 0.1) for s in (0, 4, 9)] == [0.1, 0.5, 1.0]
+    assert lr_multiplier(60, "linear", 10, 110, 0.1) == pytest.approx(0.55)
+    assert lr_multiplier(110, "linear", 10, 110, 0.1) == pytest.approx(0.1)
+    assert lr_multiplier(10_000, "constant", 10, 110) == 1.0
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(lr_schedule="step"), "lr_schedule='step'"),
+    (dict(lr_schedule="cosine", lr_warmup_steps=8), "lr_warmup_steps=8"),
+    (dict(lr_schedule="cosine", lr_final_fraction=1.5), "lr_final_fraction"),
+])
+def test_bad_lr_schedule_is_named(tmp_path, digits, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        make_trainer(tmp_path, digits, max_steps=8, **kwargs)
+
+
+def test_cosine_schedule_reaches_optimizer_and_resumes_exactly(tmp_path, digits):
+    """The optimizer's rate follows base * (1 + cos(pi k / K)) / 2, and a run trained in two legs with
+    lr_decay_steps = K gives the same weights as one straight run."""
+    import math
+
+    n, base = 8, 1e-3
+    straight = make_trainer(tmp_path / "a", digits, max_steps=n, learning_rate=base, lr_schedule="cosine")
+    straight.train()
+    lrs = [json.loads(line).get("lr") for line in (tmp_path / "a/train_log.jsonl").read_text().splitlines()]
+    assert straight.optimizers[0].param_groups[0]["lr"] == pytest.approx(0.0, abs=1e-15)
+    logged = [lr for lr in lrs if lr is not None]
+    assert logged and all(any(lr == pytest.approx(base * (1 + math.cos(math.pi * k / n)) / 2) for k in range(n + 1))
+                          for lr in logged)
+    make_trainer(tmp_path / "b", digits, max_steps=n // 2, total_steps=n, learning_rate=base, lr_schedule="cosine",
+                 lr_decay_steps=n).train()
+    assert make_trainer(tmp_path / "c", digits, max_steps=n // 2, total_steps=n, learning_rate=base,
+                        lr_schedule="cosine", lr_decay_steps=n).optimizers[0].param_groups[0]["lr"] == base
+    make_trainer(tmp_path / "b", digits, max_steps=n, learning_rate=base, lr_schedule="cosine").train(resume=True)
+    a = load_file(tmp_path / f"a/checkpoints/checkpoint-{n:08d}/networks.safetensors")
+    b = load_file(tmp_path / f"b/checkpoints/checkpoint-{n:08d}/networks.safetensors")
+    assert all(torch.equal(a[k], b[k]) for k in a)

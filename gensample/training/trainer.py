@@ -24,6 +24,7 @@ from ..images import plot_curve, save_image_grid
 from ..methods.base import TrainingMethod
 from . import checkpoint as ckpt
 from .ema import EMA
+from .lr_schedule import check_lr_schedule, lr_multiplier
 
 logger = logging.getLogger("gensample.train")
 
@@ -36,6 +37,10 @@ class TrainConfig:
     gradient_accumulation_steps: int = 1
     learning_rate: float = 2e-4
     lr_warmup_steps: int = 0
+    #: "constant", or "cosine" / "linear" decay from the base rate to ``lr_final_fraction`` of it at max_steps
+    lr_schedule: str = "constant"
+    lr_final_fraction: float = 0.0
+    lr_decay_steps: int | None = None  # None: decay over max_steps (set it when a run is trained in legs)
     adam_betas: tuple[float, float] = (0.9, 0.999)
     weight_decay: float = 0.0
     max_grad_norm: float | None = None
@@ -153,6 +158,9 @@ class Trainer:
     def __init__(self, method: TrainingMethod, dataset: torch.Tensor, config: TrainConfig,
                  evaluate: Callable | None = None, evaluate_every: int = 0):
         self.config = config
+        check_lr_schedule(config.lr_schedule, config.lr_warmup_steps, config.lr_decay_steps or config.max_steps)
+        if not 0.0 <= config.lr_final_fraction <= 1.0:
+            raise ValueError(f"lr_final_fraction={config.lr_final_fraction} must lie in [0, 1].")
         self.output_dir = Path(config.output_dir)
         self.checkpoint_dir = self.output_dir / "checkpoints"
         find_unused = len(method.trainable_groups()) > 1
@@ -181,9 +189,9 @@ class Trainer:
             group_params[name] = {id(p) for p in params}
             st = self.optimizer_settings[name]
             opt = torch.optim.Adam(params, lr=st["lr"], betas=st["betas"], weight_decay=st["weight_decay"])
-            warm = max(0, config.lr_warmup_steps)
-            self.lr_schedulers.append(torch.optim.lr_scheduler.LambdaLR(
-                opt, lambda s, w=warm: min(1.0, (s + 1) / w) if w > 0 else 1.0))
+            # a plain lambda, so the scheduler's state_dict stays the step count alone
+            self.lr_schedulers.append(torch.optim.lr_scheduler.LambdaLR(opt, lambda s, c=config: lr_multiplier(
+                s, c.lr_schedule, c.lr_warmup_steps, c.lr_decay_steps or c.max_steps, c.lr_final_fraction)))
             self.optimizers.append(opt)
         prepared = acc.prepare(self.method, *self.optimizers)
         self.model, self.optimizers = prepared[0], list(prepared[1:])
