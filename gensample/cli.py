@@ -69,8 +69,9 @@ def build_parser() -> argparse.ArgumentParser:
     ict.add_argument("--distance", default="pseudo_huber", choices=["pseudo_huber", "pseudo_huber_elementwise", "l2"])
     ict.add_argument("--sampling-sigmas", type=float, nargs="+", default=None,
                      help="tuned few-step schedule saved with the pipeline, e.g. 80 1.5")
-    # Small-data defaults tuned on the embedded digits (benchmarks/RESULTS.md, "iCT tuning").
-    ict.set_defaults(func=cmd_train_ict, model="digits-small", learning_rate=1e-3)
+    # Small-data defaults tuned on the embedded digits (benchmarks/RESULTS.md, "iCT tuning"); the cosine decay is
+    # ours, not the paper's (constant rate): at 8000 steps it halves the 1-step FID-digits.
+    ict.set_defaults(func=cmd_train_ict, model="digits-small", learning_rate=1e-3, lr_schedule="cosine")
     from .cli_edm import add_train_subparsers as add_edm_train_subparsers  # lazy: cli_edm imports from this module
     add_edm_train_subparsers(train_sub)
     from .cli_ctm import add_train_subparsers as add_ctm_train_subparsers  # lazy, as cli_edm

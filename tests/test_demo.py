@@ -1,7 +1,6 @@
 """`gensample demo` end to end on a tiny pipeline (the shipped one is exercised the same way by CI's demo step)."""
 import json
 
-import torch
 
 from gensample.cli import main
 

@@ -350,3 +350,15 @@ def test_cosine_schedule_reaches_optimizer_and_resumes_exactly(tmp_path, digits)
     a = load_file(tmp_path / f"a/checkpoints/checkpoint-{n:08d}/networks.safetensors")
     b = load_file(tmp_path / f"b/checkpoints/checkpoint-{n:08d}/networks.safetensors")
     assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_resume_warns_when_the_decay_horizon_changes(tmp_path, digits):
+    make_trainer(tmp_path, digits, max_steps=4, lr_schedule="cosine").train()
+    make_trainer(tmp_path, digits, max_steps=6, lr_schedule="cosine").train(resume=True)
+    warnings = [json.loads(line)["warning"] for line in (tmp_path / "train_log.jsonl").read_text().splitlines()
+                if "warning" in json.loads(line)]
+    assert any("LR schedule changes" in w and "--lr-decay-steps 4" in w for w in warnings), warnings
+    # same horizon given explicitly: no warning
+    make_trainer(tmp_path / "b", digits, max_steps=4, lr_schedule="cosine", lr_decay_steps=8).train()
+    make_trainer(tmp_path / "b", digits, max_steps=8, lr_schedule="cosine").train(resume=True)
+    assert "LR schedule changes" not in (tmp_path / "b/train_log.jsonl").read_text()

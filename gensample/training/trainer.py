@@ -295,6 +295,15 @@ class Trainer:
             o.load_state_dict(s)
         for sch, s in zip(self.lr_schedulers, opt_state["lr_schedulers"]):
             sch.load_state_dict(s)
+        saved_train = state.get("train", {})
+        if saved_train:
+            def horizon(c: dict) -> tuple:
+                return (c.get("lr_schedule", "constant"), c.get("lr_decay_steps") or c.get("max_steps"))
+            before, now = horizon(saved_train), horizon(asdict(self.config))
+            if before != now and "constant" not in (before[0], now[0]) or before[0] != now[0]:
+                self._warn(f"the LR schedule changes on resume: the checkpoint's run used {before[0]} over "
+                           f"{before[1]} steps, this one {now[0]} over {now[1]}; pass --lr-decay-steps "
+                           f"{before[1]} (TrainConfig.lr_decay_steps) to keep the original decay.")
         if opt_state.get("scaler") is not None and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(opt_state["scaler"])
         rng_file = path / f"rng-rank{self.rank}.json"
