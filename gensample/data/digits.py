@@ -2,7 +2,6 @@
 assets/digits.npz with a fixed train (1,500) / held-out (297) split drawn once with numpy seed 0."""
 from __future__ import annotations
 
-
 import numpy as np
 import torch
 import torch.nn.functional as F

@@ -6,12 +6,14 @@ import math
 LR_SCHEDULES = ("constant", "cosine", "linear")
 
 
-def check_lr_schedule(schedule: str, warmup_steps: int, decay_steps: int) -> None:
+def check_lr_schedule(schedule: str, warmup_steps: int, decay_steps: int, final_fraction: float = 0.0) -> None:
     """Raise a ValueError naming the argument when a schedule cannot be built."""
     if schedule not in LR_SCHEDULES:
         raise ValueError(f"lr_schedule={schedule!r} is not known; use one of {list(LR_SCHEDULES)}.")
     if warmup_steps < 0:
         raise ValueError(f"lr_warmup_steps={warmup_steps} must be >= 0.")
+    if not 0.0 <= final_fraction <= 1.0:
+        raise ValueError(f"lr_final_fraction={final_fraction} must lie in [0, 1].")
     if schedule != "constant" and decay_steps <= warmup_steps:
         raise ValueError(f"lr_schedule={schedule!r} decays over {decay_steps} steps (lr_decay_steps, or max_steps), "
                          f"which must exceed lr_warmup_steps={warmup_steps}; lower the warm-up, raise the decay "

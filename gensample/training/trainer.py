@@ -62,6 +62,11 @@ class TrainConfig:
     #: ``optimizer_settings()`` (which in turn override learning_rate / adam_betas / weight_decay above)
     group_optimizer_settings: dict = field(default_factory=dict)
 
+    @property
+    def lr_decay_horizon(self) -> int:
+        """The step at which a decaying LR schedule ends: ``lr_decay_steps``, else ``max_steps``."""
+        return self.lr_decay_steps or self.max_steps
+
 
 OPTIMIZER_KEYS = ("lr", "betas", "weight_decay")
 
@@ -158,9 +163,8 @@ class Trainer:
     def __init__(self, method: TrainingMethod, dataset: torch.Tensor, config: TrainConfig,
                  evaluate: Callable | None = None, evaluate_every: int = 0):
         self.config = config
-        check_lr_schedule(config.lr_schedule, config.lr_warmup_steps, config.lr_decay_steps or config.max_steps)
-        if not 0.0 <= config.lr_final_fraction <= 1.0:
-            raise ValueError(f"lr_final_fraction={config.lr_final_fraction} must lie in [0, 1].")
+        check_lr_schedule(config.lr_schedule, config.lr_warmup_steps, config.lr_decay_horizon,
+                          config.lr_final_fraction)
         self.output_dir = Path(config.output_dir)
         self.checkpoint_dir = self.output_dir / "checkpoints"
         find_unused = len(method.trainable_groups()) > 1
@@ -191,7 +195,7 @@ class Trainer:
             opt = torch.optim.Adam(params, lr=st["lr"], betas=st["betas"], weight_decay=st["weight_decay"])
             # a plain lambda, so the scheduler's state_dict stays the step count alone
             self.lr_schedulers.append(torch.optim.lr_scheduler.LambdaLR(opt, lambda s, c=config: lr_multiplier(
-                s, c.lr_schedule, c.lr_warmup_steps, c.lr_decay_steps or c.max_steps, c.lr_final_fraction)))
+                s, c.lr_schedule, c.lr_warmup_steps, c.lr_decay_horizon, c.lr_final_fraction)))
             self.optimizers.append(opt)
         prepared = acc.prepare(self.method, *self.optimizers)
         self.model, self.optimizers = prepared[0], list(prepared[1:])
@@ -295,15 +299,14 @@ class Trainer:
             o.load_state_dict(s)
         for sch, s in zip(self.lr_schedulers, opt_state["lr_schedulers"]):
             sch.load_state_dict(s)
-        saved_train = state.get("train", {})
-        if saved_train:
-            def horizon(c: dict) -> tuple:
-                return (c.get("lr_schedule", "constant"), c.get("lr_decay_steps") or c.get("max_steps"))
-            before, now = horizon(saved_train), horizon(asdict(self.config))
-            if before != now and "constant" not in (before[0], now[0]) or before[0] != now[0]:
-                self._warn(f"the LR schedule changes on resume: the checkpoint's run used {before[0]} over "
-                           f"{before[1]} steps, this one {now[0]} over {now[1]}; pass --lr-decay-steps "
-                           f"{before[1]} (TrainConfig.lr_decay_steps) to keep the original decay.")
+        saved = state.get("train", {})
+        if saved:
+            schedule, horizon = saved.get("lr_schedule", "constant"), saved.get("lr_decay_steps") or saved.get("max_steps")
+            cfg = self.config
+            if schedule != cfg.lr_schedule or (schedule != "constant" and horizon != cfg.lr_decay_horizon):
+                self._warn(f"the LR schedule changes on resume: the checkpoint's run used {schedule} over {horizon} "
+                           f"steps, this one {cfg.lr_schedule} over {cfg.lr_decay_horizon}; pass --lr-decay-steps "
+                           f"{horizon} (TrainConfig.lr_decay_steps) to keep the original decay.")
         if opt_state.get("scaler") is not None and self.accelerator.scaler is not None:
             self.accelerator.scaler.load_state_dict(opt_state["scaler"])
         rng_file = path / f"rng-rank{self.rank}.json"
