@@ -6,9 +6,7 @@ import time
 
 import torch
 
-from gensample.ot import ot_noise_permutation
-
-
+from gensample.methods.ot import ot_noise_permutation
 def main() -> None:
     torch.set_num_threads(1)
     print("| latent shape | B | ms per batch (median of 7) |")

@@ -8,11 +8,12 @@ import torch
 from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
-from gensample.ctm import TrajectoryFunction
+from gensample.core.parametrization import TrajectoryFunction, noise_conditioning
+from gensample.core.sampling import check_gamma, heun_solve
+from gensample.core.sigmas import edm_sigmas
 from gensample.models.ctm_unet import CTMUNet2DModel
-from gensample.parametrization import noise_conditioning
-from gensample.sampling_edm import edm_sigmas, heun_solve
-from gensample.schedulers.scheduling_ctm import CTMScheduler, check_gamma
+from gensample.schedulers.scheduling_ctm import CTMScheduler
+
 from .input_checks import check_batch_size, check_num_inference_steps, check_sampling_inputs
 
 __all__ = ["CTMPipeline"]
@@ -38,14 +39,14 @@ EXAMPLE_DOC_STRING = """
 
 class CTMPipeline(DiffusionPipeline):
     r"""Image generation from a CTM trajectory function G(x, t, s) = (s/t) x + (1 - s/t) g(x, t, s),
-    g = c_skip(t) x + c_out(t) F(c_in(t) x, c_noise(t), c_noise(s)) (:class:`gensample.ctm.TrajectoryFunction`).
+    g = c_skip(t) x + c_out(t) F(c_in(t) x, c_noise(t), c_noise(s)) (:class:`gensample.core.parametrization.TrajectoryFunction`).
 
     Two samplers (CTM sec. 4 / reference sec. 1.7):
 
     * ``sampler="gamma"`` (default): gamma-sampling with :class:`CTMScheduler`; n steps cost n network evaluations.
       gamma = 0 makes deterministic long jumps G(x, sigma_i, sigma_{i+1}), gamma = 1 is CM multistep sampling.
     * ``sampler="heun"``: score-based sampling, EDM's deterministic Heun sampler (Karras et al. 2022, Algorithm 2,
-      S_churn = 0; :func:`gensample.sampling_edm.heun_solve`) over the denoiser D(x, t) = g(x, t, t); n steps cost
+      S_churn = 0; :func:`gensample.core.sampling.heun_solve`) over the denoiser D(x, t) = g(x, t, t); n steps cost
       2n - 1 evaluations. ``gamma`` does not apply.
 
     Components:

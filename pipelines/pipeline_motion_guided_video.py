@@ -12,6 +12,7 @@ from diffusers import AutoencoderKL, DiffusionPipeline, SchedulerMixin, UNet3DCo
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
+from einops import rearrange
 
 from gensample.video.guidance import (
     FeatureRecorder,
@@ -60,7 +61,7 @@ class MotionGuidedVideoPipeline(DiffusionPipeline):
 
     Without ``reference_video`` the sampling loop is that of diffusers' ``AnimateDiffPipeline`` (same prompt
     encoding, noise, classifier-free guidance, scheduler steps and decoding), so the output equals the wrapped
-    pipeline's bit for bit. With a reference (MCL Alg. 1, notes sec. 5.1):
+    pipeline's bit for bit. With a reference (MCL, Zhang et al. 2025, Alg. 1):
 
     1. **Initial noise** from the reference (``init_noise``): DDIM inversion of its latent (the paper's choice),
        FreeInit low-frequency mixing of the noised reference with fresh noise, both, or plain noise.
@@ -161,7 +162,7 @@ class MotionGuidedVideoPipeline(DiffusionPipeline):
         if self.vae is not None:
             latent = self.vae.encode(frames.to(self.vae.dtype)).latent_dist.mean * self.vae.config.scaling_factor
             frames = latent.to(dtype)
-        return frames.transpose(0, 1).unsqueeze(0)  # (1, C, F, h, w)
+        return rearrange(frames, "f c h w -> 1 c f h w")
 
     def check_inputs(self, num_frames: int, height: int, width: int, num_inference_steps: int, output_type: str,
                      init_noise: str, motion_guidance, reference_video, latents, batch_size: int) -> None:
@@ -196,11 +197,11 @@ class MotionGuidedVideoPipeline(DiffusionPipeline):
         if self.vae is None:
             return latents.float()
         latents = 1 / self.vae.config.scaling_factor * latents
-        b, c, f, h, w = latents.shape
-        latents = latents.permute(0, 2, 1, 3, 4).reshape(b * f, c, h, w)
+        b = latents.shape[0]
+        latents = rearrange(latents, "b c f h w -> (b f) c h w")
         video = torch.cat([self.vae.decode(latents[i:i + decode_chunk_size]).sample
                            for i in range(0, latents.shape[0], decode_chunk_size)])
-        video = video[None, :].reshape((b, f, -1) + video.shape[2:]).permute(0, 2, 1, 3, 4)
+        video = rearrange(video, "(b f) c h w -> b c f h w", b=b)
         return video.float()
 
     # ------------------------------------------------------------------ guidance

@@ -18,8 +18,7 @@ import torch
 from gensample.data.digits import load_digits
 from gensample.loading import load_pipeline
 from gensample.metrics.fid import fid
-from gensample.parametrization import ConsistencyFunction
-
+from gensample.core.parametrization import ConsistencyFunction
 DEFAULT_SIGMAS = (0.1, 0.3, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 40.0, 80.0)
 
 

@@ -12,18 +12,18 @@ import pytest
 import torch
 from diffusers import UNet2DModel
 
-from gensample.losses import get_distance, pseudo_huber, pseudo_huber_constant, pseudo_huber_elementwise, squared_l2
-from gensample.parametrization import (
+from gensample.core.losses import get_distance, pseudo_huber, pseudo_huber_constant, pseudo_huber_elementwise, squared_l2
+from gensample.core.parametrization import (
     ConsistencyFunction,
     consistency_scalings,
     input_scaling,
     noise_conditioning,
 )
-from gensample.sampling import renoise_std
-from gensample.sigmas import (
+from gensample.core.sampling import renoise_std
+from gensample.core.sigmas import (
     ict_loss_weighting,
     ict_num_sigmas,
-    karras_sigma_at_index,
+    karras_sigma_at_descending_index,
     karras_sigmas,
     lognormal_index_probabilities,
 )
@@ -101,7 +101,7 @@ def test_expected_weight_under_lognormal_sampling():
 
 
 def test_lognormal_sign_matters():
-    """A +1.1 mean (Kinyugo README typo, pitfall P9) must give a visibly different distribution."""
+    """A +1.1 mean (a typo in Kinyugo's README) must give a visibly different distribution."""
     sigmas = karras_sigmas(11)
     p_good = lognormal_index_probabilities(sigmas)
     p_typo = lognormal_index_probabilities(sigmas, p_mean=1.1)
@@ -217,7 +217,7 @@ def test_boundary_scalings_are_exact_at_sigma_min():
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_boundary_condition_exact_with_random_backbone(dtype):
-    """f(x, sigma_min) == x bit for bit, whatever the (random) backbone outputs (pitfall P3)."""
+    """f(x, sigma_min) == x bit for bit, whatever the (random) backbone outputs (a float32 sigma_min would break it)."""
     f = ConsistencyFunction(tiny_unet(dtype))
     g = torch.Generator().manual_seed(0)
     # include tiny values so that any non-zero c_out * F would show up
@@ -272,7 +272,7 @@ def test_pseudo_huber_test_vectors(shape, l2_form, elementwise, ect):
     torch.testing.assert_close(got_el, torch.full((2,), elementwise), rtol=2e-5, atol=0)
     # ECT: c = 0 is the plain L2 norm
     torch.testing.assert_close(pseudo_huber(x, y, c=0.0), torch.full((2,), ect), rtol=0, atol=2e-6)
-    # the two forms differ by orders of magnitude (pitfall P5)
+    # the two forms differ by orders of magnitude: summed vs averaged over elements
     assert (got / got_el).min() > 100
 
 
@@ -315,18 +315,18 @@ def test_squared_l2_and_distance_registry():
      (440, 641, 0.369315)],
 )
 def test_sampler_intermediate_sigmas(index, steps, sigma):
-    assert karras_sigma_at_index(index, steps) == pytest.approx(sigma, rel=5e-6)
+    assert karras_sigma_at_descending_index(index, steps) == pytest.approx(sigma, rel=5e-6)
 
 
 def test_karras_sigma_at_index_end_points_and_direction():
-    assert karras_sigma_at_index(0, 40) == pytest.approx(80.0, rel=1e-12)
-    assert karras_sigma_at_index(39, 40) == pytest.approx(0.002, rel=1e-12)
-    assert karras_sigma_at_index(10, 40) > karras_sigma_at_index(11, 40)
+    assert karras_sigma_at_descending_index(0, 40) == pytest.approx(80.0, rel=1e-12)
+    assert karras_sigma_at_descending_index(39, 40) == pytest.approx(0.002, rel=1e-12)
+    assert karras_sigma_at_descending_index(10, 40) > karras_sigma_at_descending_index(11, 40)
     # descending index i on N points == ascending grid entry N-1-i
     asc = karras_sigmas(11)
     for i in range(11):
-        assert karras_sigma_at_index(i, 11) == pytest.approx(REF_SIGMAS_11[10 - i], rel=1e-5)
-        assert karras_sigma_at_index(i, 11) == pytest.approx(asc[10 - i].item(), rel=1e-12)
+        assert karras_sigma_at_descending_index(i, 11) == pytest.approx(REF_SIGMAS_11[10 - i], rel=1e-5)
+        assert karras_sigma_at_descending_index(i, 11) == pytest.approx(asc[10 - i].item(), rel=1e-12)
 
 
 def test_renoise_std():

@@ -11,23 +11,25 @@ import numpy as np
 import pytest
 import torch
 
-from gensample.ctm import TrajectoryFunction, ctm_sigmas
-from gensample.edm_parametrization import EDMDenoiser, edm_scalings
+from gensample.core.parametrization import TrajectoryFunction
+
+from gensample.core.sigmas import karras_sigmas_descending
+from gensample.core.parametrization import EDMDenoiser, edm_scalings
 from gensample.kernels import ctm_gamma_step
 from gensample.methods.ctm import CTMTraining, adaptive_weight, teacher_heun_solve
 from gensample.models import build_unet
 from gensample.models.ctm_unet import CTMUNet2DModel
 from gensample.models.discriminator import Discriminator, diff_augment
-from gensample.parametrization import consistency_scalings, input_scaling, noise_conditioning
+from gensample.core.parametrization import consistency_scalings, input_scaling, noise_conditioning
 from gensample.pipelines.pipeline_consistency import ConsistencyPipeline
 from gensample.pipelines.pipeline_ctm import CTMPipeline
 from gensample.pipelines.pipeline_edm import EDMPipeline
-from gensample.sampling_edm import edm_sigmas, heun_solve, sample_heun
+from gensample.core.sampling import heun_solve, sample_heun
+from gensample.core.sigmas import edm_sigmas
 from gensample.schedulers import ConsistencyScheduler
 from gensample.schedulers.scheduling_ctm import CTMScheduler, CTMSchedulerOutput
 from gensample.schedulers.scheduling_edm_heun import EDMHeunScheduler
-from gensample.sigmas import karras_sigmas
-
+from gensample.core.sigmas import karras_sigmas
 SIGMA_MIN, SIGMA_MAX = 0.002, 80.0
 
 
@@ -95,7 +97,7 @@ def test_scheduler_schedule_jump_targets_and_state():
     assert sched0.jump_sigmas.tolist() == [SIGMA_MIN] * 3 and sched0.gamma == 1.0
     # grid indices into the N-point training grid (N = 18: CTM's CIFAR grid)
     sched0.set_timesteps(timesteps=[9, 0])
-    torch.testing.assert_close(sched0.sigmas, torch.cat([ctm_sigmas(18)[[0, 9]], torch.tensor([SIGMA_MIN],
+    torch.testing.assert_close(sched0.sigmas, torch.cat([karras_sigmas_descending(18)[[0, 9]], torch.tensor([SIGMA_MIN],
                                                          dtype=torch.float64)]))
     # jump_target / s_timestep follow the step counter; stepping past the end is an error
     sched.set_timesteps(2, gamma=0.5)
@@ -424,7 +426,7 @@ def test_teacher_heun_solve_and_ctm_target_match_heun_solve_per_sample():
         torch.manual_seed(3)
         times = method.sample_times(6, step=4)
     x_t = x0 + times.t.float().view(-1, 1, 1, 1) * torch.randn(x0.shape, generator=gen(1))
-    grid = ctm_sigmas(7)
+    grid = karras_sigmas_descending(7)
     k = times.num_heun_steps
     with torch.no_grad():
         got = teacher_heun_solve(method.teacher, x_t, grid, times.t_index, k)
@@ -625,8 +627,7 @@ def test_ctm_method_errors():
         CTMTraining(None)
     from diffusers import DDPMScheduler
 
-    from gensample.teachers import as_denoiser
-
+    from gensample.methods.teachers import as_denoiser
     vp_teacher = as_denoiser(build_unet("tiny", sample_size=8), scheduler=DDPMScheduler())
     with pytest.raises(ValueError, match="student"):
         CTMTraining(vp_teacher)

@@ -11,13 +11,13 @@ import pytest
 import torch
 from scipy.stats import chisquare
 
-from gensample.ctm import TrajectoryFunction, ctm_sigmas, heun_step_probabilities, sample_ctm_times
-from gensample.edm_parametrization import EDMDenoiser
+from gensample.core.parametrization import TrajectoryFunction
+
+from gensample.core.sigmas import karras_sigmas_descending, heun_step_probabilities, sample_ctm_times
+from gensample.core.parametrization import EDMDenoiser
 from gensample.models import build_unet
 from gensample.models.ctm_unet import CTMUNet2DModel, init_from_teacher
-from gensample.teachers import as_denoiser
-
-
+from gensample.methods.teachers import as_denoiser
 @pytest.fixture(autouse=True, scope="module")
 def _single_thread():
     n = torch.get_num_threads()
@@ -199,7 +199,7 @@ def test_as_denoiser_of_trajectory_function_is_g_t_t():
 # (t, u, s) sampler
 # ------------------------------------------------------------------------------------------------------------------
 def test_ctm_grid_is_the_cifar_grid():
-    grid = ctm_sigmas(18)
+    grid = karras_sigmas_descending(18)
     # reference sec. 1.1, printed to 2-4 significant digits
     printed = [80, 57.59, 40.79, 28.37, 19.35, 12.91, 8.40, 5.32, 3.26, 1.92, 1.09, 0.585, 0.296, 0.140, 0.060,
                0.023, 0.0075, 0.002]
@@ -257,7 +257,7 @@ def test_time_sampler_joint_distribution_chi_square():
 
 def test_time_sampler_values_ranges_and_errors():
     times = sample_ctm_times(512, num_sigmas=18, max_heun_steps=17, num_heun_steps=3, generator=gen(1))
-    grid = ctm_sigmas(18)
+    grid = karras_sigmas_descending(18)
     assert times.num_heun_steps == 3
     assert torch.equal(times.t, grid[times.t_index]) and torch.equal(times.u, grid[times.u_index])
     assert torch.equal(times.s, grid[times.s_index])

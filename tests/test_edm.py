@@ -12,16 +12,16 @@ import pytest
 import torch
 from diffusers import DDIMPipeline, DDIMScheduler, DDPMScheduler, ImagePipelineOutput, UNet2DModel
 
-from gensample.edm_parametrization import EDMDenoiser, edm_scalings
-from gensample.methods.edm import EDMTraining, edm_loss_weight
+from gensample.core.parametrization import EDMDenoiser, edm_scalings
+from gensample.core.losses import edm_loss_weight
+from gensample.methods.edm import EDMTraining
 from gensample.models import build_unet
-from gensample.parametrization import input_scaling
+from gensample.core.parametrization import input_scaling
 from gensample.pipelines.pipeline_edm import EDMPipeline
-from gensample.sampling_edm import edm_sigmas, heun_solve, sample_heun
+from gensample.core.sampling import heun_solve, sample_heun
+from gensample.core.sigmas import edm_sigmas
 from gensample.schedulers.scheduling_edm_heun import EDMHeunScheduler
-from gensample.teachers import VPDenoiser, as_denoiser
-
-
+from gensample.methods.teachers import VPDenoiser, as_denoiser
 @pytest.fixture(autouse=True, scope="module")
 def _single_thread():
     n = torch.get_num_threads()
@@ -46,7 +46,7 @@ def gen(seed: int) -> torch.Generator:
 
 
 def reference_algorithm2(D, x_T: torch.Tensor, num_steps: int, sigma_min=0.002, sigma_max=80.0, rho=7.0):
-    """EDM Algorithm 2 with S_churn = 0, written out from the paper independently of gensample.sampling_edm:
+    """EDM Algorithm 2 with S_churn = 0, written out from the paper independently of gensample.core.sampling:
     t_i from eq. 5 with Python floats, t_N = 0, Heun steps with an Euler last step."""
     N = num_steps
     t = [(sigma_max ** (1 / rho) + i / (N - 1) * (sigma_min ** (1 / rho) - sigma_max ** (1 / rho))) ** rho

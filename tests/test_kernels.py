@@ -1,6 +1,6 @@
 """Fused sampler kernels (gensample.kernels) and the fast sampling path (gensample.pipelines.fast_sampling).
 
-* PyTorch references == gensample.sampling.consistency_step / the scheduler, bit for bit.
+* PyTorch references == gensample.core.sampling.consistency_step / the scheduler, bit for bit.
 * CTM gamma-sampling reference: gamma = 1 is CM re-noising, gamma = 0 is a deterministic jump, G(x, t, t) = x.
 * Triton kernels == references under the Triton CPU interpreter (TRITON_INTERPRET=1). Skipped without triton
   (optional: ``pip install triton``).
@@ -24,10 +24,8 @@ from gensample.kernels import (
     ctm_jump_target,
     scale_input_reference,
 )
-from gensample.sampling import consistency_step, renoise_std
-from gensample.sigmas import SIGMA_MIN
-
-# The pipeline side (diffusers) is imported lazily, in the tests that use it: the Triton interpreter subprocess
+from gensample.core.sampling import consistency_step, renoise_std
+from gensample.core.sigmas import SIGMA_MIN
 # collects this file too and should start fast.
 
 
@@ -52,7 +50,7 @@ STEPS = [(80.0, 2.2404), (2.2404, 0.3), (0.3, SIGMA_MIN)]
 
 
 # ---------------------------------------------------------------------------------------------------------------------
-# PyTorch references vs gensample.sampling / the scheduler
+# PyTorch references vs gensample.core.sampling / the scheduler
 # ---------------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float16, torch.bfloat16, torch.float64])
 @pytest.mark.parametrize("clip", [True, False])
@@ -152,8 +150,8 @@ def test_ctm_boundary_condition_G_of_t_t_is_identity():
 
 
 def test_ctm_reference_equals_model_level_trajectory_function():
-    """The kernel-level G equals gensample.ctm.TrajectoryFunction's G (CTM's model wrapper) bit for bit."""
-    ctm = pytest.importorskip("gensample.ctm", reason="gensample.ctm (CTM model wrapper) not available")
+    """The kernel-level G equals gensample.core.parametrization.TrajectoryFunction's G (CTM's model wrapper) bit for bit."""
+    ctm = pytest.importorskip("gensample.core.parametrization", reason="gensample.core.parametrization (CTM model wrapper) not available")
     x, f, _ = _tensors()
     G = ctm.TrajectoryFunction(lambda inp, t, s_timestep=None: f)
     for t, sigma_next, gamma in [(80.0, 2.0, 0.3), (2.0, 0.5, 0.9), (0.5, SIGMA_MIN, 0.0)]:

@@ -21,19 +21,17 @@ from gensample.data.latents import (
     load_latent_cache,
     load_latent_normalizer,
 )
-from gensample.losses_slct import cauchy, get_lct_distance, slct_cauchy_c
+from gensample.core.losses import cauchy, get_distance, slct_cauchy_c
 from gensample.methods import ImprovedConsistencyTraining
 from gensample.methods.lct import LatentConsistencyTraining, diffusion_loss_mask
 from gensample.models import build_unet
 from gensample.models.latent_normalizer import LatentNormalizer
 from gensample.models.nsln import NonScalingLayerNorm, NsLNUNet2DModel, build_nsln_unet, replace_group_norm
-from gensample.ot import ot_noise_permutation, ot_pair_noise, pairwise_sq_dists
+from gensample.methods.ot import ot_noise_permutation, ot_pair_noise, pairwise_sq_dists
 from gensample.pipelines.pipeline_latent_consistency import LatentConsistencyPipeline
 from gensample.schedulers import ConsistencyScheduler
-from gensample.sigmas import karras_sigmas, lognormal_index_probabilities
-from gensample.vae import build_vae, train_vae
-
-
+from gensample.core.sigmas import karras_sigmas, lognormal_index_probabilities
+from gensample.training.vae import build_vae, train_vae
 @pytest.fixture(autouse=True, scope="module")
 def _single_thread():
     """Tiny models and a CPU shared with other jobs: one intra-op thread; restored after."""
@@ -97,9 +95,9 @@ def test_cauchy_averages_over_elements_per_sample():
     assert out[0] == pytest.approx(0.0410097, rel=1e-5) and out[1] == pytest.approx(1.646006, rel=1e-5)  # MSE 1e-2
     with pytest.raises(ValueError, match="must be > 0"):
         cauchy(x, x, 0.0)
-    assert get_lct_distance("cauchy") is cauchy
+    assert get_distance("cauchy") is cauchy
     with pytest.raises(ValueError, match="cauchy"):
-        get_lct_distance("cosine")
+        get_distance("cosine")
 
 
 @pytest.mark.parametrize("n, c", [

@@ -9,7 +9,7 @@ import pytest
 import torch
 from diffusers import CMStochasticIterativeScheduler, ConsistencyModelPipeline, UNet2DModel
 
-from gensample.parametrization import ConsistencyFunction
+from gensample.core.parametrization import ConsistencyFunction
 from gensample.pipelines import ConsistencyPipeline
 from gensample.schedulers import ConsistencyScheduler, ConsistencySchedulerOutput
 

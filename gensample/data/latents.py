@@ -1,21 +1,20 @@
 """Latent cache: encode an image dataset once with any diffusers ``AutoencoderKL`` and train in its latent space
-(sLCT, Dao et al. ICLR 2025; research code quandao10/LCT ``prepocess_data.py`` + ``extract_stat.py``, reference doc
-sec. 3.1).
+(sLCT, Dao et al. ICLR 2025; research code quandao10/LCT ``prepocess_data.py`` + ``extract_stat.py``).
 
 Layout of a cache folder::
 
     manifest.json                 settings + fingerprints of the VAE weights and of the images (resume guard)
     shard-00000.safetensors ...   {"latents": (n, C, h, w) float32}: SCALED latents (z - shift) * scaling_factor,
-                                  z = vae.encode(x).latent_dist.sample() (or .mode()), as the reference stores them
+                                  z = vae.encode(x).latent_dist.sample() (or .mode()), as the research code stores them
     stats.safetensors             {"mean", "std"}: per-element [C, h, w] statistics of the raw latents z over the whole
                                   dataset (torch.std_mean(z, dim=0): unbiased std), + scaling/shift/target_std metadata
 
 Encoding is resumable: each shard is written atomically (temporary file + rename), and a rerun with the same VAE,
 images and settings skips every finished shard. Posterior samples are drawn from a CPU generator seeded from
 (seed, shard index), so a resumed cache equals an uninterrupted one. :func:`load_latent_cache` returns the
-normalised latents ``(z - mean) / std * 0.5`` (pitfall P11: per-element, not per-channel statistics) and
-:func:`load_latent_normalizer` the :class:`~gensample.models.latent_normalizer.LatentNormalizer` that inverts them
-for decoding.
+normalised latents ``(z - mean) / std * 0.5`` (per-element [C, h, w] statistics, as ``extract_stat.py`` computes
+them with ``torch.std_mean(z, dim=0)``; not per-channel ones) and :func:`load_latent_normalizer` the
+:class:`~gensample.models.latent_normalizer.LatentNormalizer` that inverts them for decoding.
 """
 from __future__ import annotations
 
@@ -108,7 +107,7 @@ def encode_images(vae, images: torch.Tensor, batch_size: int = 64, sample: bool 
                   progress: bool = False) -> torch.Tensor:
     """Scaled latents ``(z - shift) * scaling_factor`` of ``images`` in [-1, 1] (float32, CPU).
 
-    ``sample=True``: z = ``latent_dist.sample(generator)`` (the reference's choice); False: the posterior mode.
+    ``sample=True``: z = ``latent_dist.sample(generator)`` (the research code's choice); False: the posterior mode.
     """
     _check_images(vae, images)
     if batch_size < 1:

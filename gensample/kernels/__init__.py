@@ -1,6 +1,6 @@
 """Fused sampler-step kernels (Triton on CUDA) with PyTorch references, and their dispatch.
 
-* :func:`consistency_step`: CM Algorithm 1 step, a drop-in for :func:`gensample.sampling.consistency_step`.
+* :func:`consistency_step`: CM Algorithm 1 step, a drop-in for :func:`gensample.core.sampling.consistency_step`.
 * :func:`ctm_gamma_step`: CTM gamma-sampling step (Kim et al., ICLR 2024), the step a CTM scheduler calls.
 * :func:`scale_model_input`: c_in x fused with the cast to the network dtype.
 

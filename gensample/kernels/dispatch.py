@@ -6,11 +6,11 @@ float32/float16/bfloat16. Otherwise it uses the PyTorch reference. ``backend="to
 Triton interpreter (``TRITON_INTERPRET=1``), which is how the tests check the kernels without a GPU.
 
 The functions that take sigmas are what schedulers call. They compute the step scalars once on the host, in float64,
-with :mod:`gensample.parametrization` / :mod:`gensample.sampling`. ``*_with_coefficients`` take precomputed
+with :mod:`gensample.core.parametrization` / :mod:`gensample.core.sampling`. ``*_with_coefficients`` take precomputed
 coefficients (see :mod:`gensample.kernels.reference`), which is what the fast sampling loop uses.
 
 Noise. By default the caller passes ``noise`` drawn from its own ``torch.Generator``. Both backends then give the
-same samples as :func:`gensample.sampling.consistency_step` (bit-identical on CPU). If you ask for the fastest path
+same samples as :func:`gensample.core.sampling.consistency_step` (bit-identical on CPU). If you ask for the fastest path
 with ``rng_seed=`` instead, the Triton kernel draws z in-kernel with a counter-based Philox RNG at counters
 ``rng_offset + i``. That path is **not** bit-compatible with ``torch.randn``: it gives other (equally distributed)
 noise. The PyTorch fallback of ``rng_seed`` draws from ``torch.Generator(device).manual_seed(seed + rng_offset)``,
@@ -25,7 +25,7 @@ from typing import Literal
 
 import torch
 
-from ..sigmas import SIGMA_DATA, SIGMA_MIN
+from ..core.sigmas import SIGMA_DATA, SIGMA_MIN
 from .reference import (
     ConsistencyStepCoefficients,
     CTMStepCoefficients,
@@ -140,7 +140,7 @@ def consistency_step(
     rng_offset: int = 0,
     backend: Backend = "auto",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Drop-in for :func:`gensample.sampling.consistency_step` (CM paper, Algorithm 1), with the same arguments and
+    """Drop-in for :func:`gensample.core.sampling.consistency_step` (CM paper, Algorithm 1), with the same arguments and
     results (bit-identical on the PyTorch path). Runs the fused Triton kernel on CUDA. Returns ``(next, denoised)``."""
     coefficients = ConsistencyStepCoefficients.from_sigmas(sigma, sigma_next, sigma_data, sigma_min)
     return consistency_step_with_coefficients(model_output, sample, coefficients, noise, clip_denoised,

@@ -5,9 +5,9 @@ same order and with the same roundings, in one pass over memory. These reference
 without Triton), and what the Triton kernels are tested against.
 
 The math lives once. Per-step scalars (c_skip, c_out, c_in, the re-noise std) are computed on the host in float64 by
-:mod:`gensample.parametrization` and :mod:`gensample.sampling`, collected into the small frozen dataclasses below,
+:mod:`gensample.core.parametrization` and :mod:`gensample.core.sampling`, collected into the small frozen dataclasses below,
 and handed to the kernels as plain numbers. The kernels never re-derive a formula. A scalar is rounded to the dtype of
-the sampler state exactly as :func:`gensample.sampling.consistency_step` rounds it (``float64 tensor -> .to(dtype)``).
+the sampler state exactly as :func:`gensample.core.sampling.consistency_step` rounds it (``float64 tensor -> .to(dtype)``).
 That is why :func:`consistency_step_reference` is bit-identical to ``consistency_step``.
 
 Conventions shared by all kernels:
@@ -19,14 +19,13 @@ Conventions shared by all kernels:
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 
 import torch
 
-from ..parametrization import consistency_scalings, input_scaling
-from ..sampling import renoise_std
-from ..sigmas import SIGMA_DATA, SIGMA_MIN
+from ..core.parametrization import combine, consistency_scalings, input_scaling, trajectory_jump
+from ..core.sampling import ctm_jump_target, renoise_std
+from ..core.sigmas import SIGMA_DATA, SIGMA_MIN
 
 __all__ = [
     "ConsistencyStepCoefficients",
@@ -71,30 +70,12 @@ class ConsistencyStepCoefficients:
     def from_sigmas(cls, sigma, sigma_next, sigma_data: float = SIGMA_DATA,
                     sigma_min: float = SIGMA_MIN) -> "ConsistencyStepCoefficients":
         """Coefficients of the step from ``sigma`` to ``sigma_next``, with exactly the float64 values that
-        :func:`gensample.sampling.consistency_step` computes."""
+        :func:`gensample.core.sampling.consistency_step` computes."""
         sigma, sigma_next = _f64(sigma), _f64(sigma_next)
         if not torch.isfinite(sigma) or sigma <= 0:
             raise ValueError(f"`sigma` must be a finite positive noise level, got {float(sigma)}.")
         c_skip, c_out = consistency_scalings(sigma, sigma_data, sigma_min)
         return cls(float(c_skip), float(c_out), float(renoise_std(sigma_next, sigma_min)))
-
-
-def ctm_jump_target(sigma_next, gamma: float, sigma_min: float = SIGMA_MIN) -> torch.Tensor:
-    """Intermediate time s of CTM's gamma-sampling (Kim et al., ICLR 2024, "gamma_multistep" in sony/ctm):
-    ``s = sqrt(1 - gamma^2) (sigma_next - sigma_min) + sigma_min``, in float64.
-
-    The lerp keeps both end points exact: ``gamma = 0`` gives ``s = sigma_next`` (deterministic jump) and
-    ``gamma = 1`` gives ``s = sigma_min`` (CM multistep sampling).
-    """
-    gamma = float(gamma)
-    if not 0.0 <= gamma <= 1.0:  # also rejects NaN
-        raise ValueError(f"`gamma` must lie in [0, 1] (0 = deterministic CTM jumps, 1 = CM multistep), got {gamma}.")
-    sigma_next = _f64(sigma_next)
-    if sigma_next < sigma_min:
-        raise ValueError(f"`sigma_next` ({float(sigma_next)}) must be >= sigma_min ({sigma_min}); the last step "
-                         "lands on sigma_min.")
-    weight = torch.tensor(math.sqrt(1.0 - gamma * gamma), dtype=torch.float64)
-    return torch.lerp(torch.tensor(sigma_min, dtype=torch.float64), sigma_next, weight)
 
 
 @dataclass(frozen=True)
@@ -163,12 +144,12 @@ def consistency_step_reference(
         next     = denoised + std z,           std = sqrt(sigma_next^2 - sigma_min^2)
 
     Returns ``(next, denoised)``. ``noise`` may be None when ``std == 0``, and then ``next is denoised``. The operation
-    order and roundings are those of :func:`gensample.sampling.consistency_step`, so both give bit-identical results.
+    order and roundings are those of :func:`gensample.core.sampling.consistency_step`, so both give bit-identical results.
     """
     check_step_inputs(model_output, sample, noise)
     dtype = sample.dtype
     model_output = model_output.to(dtype)
-    denoised = _cast(coefficients.c_skip, dtype) * sample + _cast(coefficients.c_out, dtype) * model_output
+    denoised = combine(sample, model_output, _f64(coefficients.c_skip), _f64(coefficients.c_out))
     if clip_denoised:
         denoised = denoised.clamp(-1, 1)
     if noise is None or coefficients.std == 0.0:
@@ -200,17 +181,17 @@ def ctm_gamma_step_reference(
     check_step_inputs(model_output, sample, noise)
     dtype = sample.dtype
     model_output = model_output.to(dtype)
-    g = _cast(coefficients.c_skip, dtype) * sample + _cast(coefficients.c_out, dtype) * model_output
+    g = combine(sample, model_output, _f64(coefficients.c_skip), _f64(coefficients.c_out))
     if clip_denoised:
         g = g.clamp(-1, 1)
-    jumped = _cast(coefficients.jump_ratio, dtype) * sample + _cast(coefficients.jump_complement, dtype) * g
+    jumped = trajectory_jump(sample, g, _f64(coefficients.jump_ratio))
     if noise is None or coefficients.std == 0.0:
         return jumped, jumped
     return jumped + _cast(coefficients.std, dtype) * noise.to(dtype), jumped
 
 
 def input_coefficient(sigma, sigma_data: float = SIGMA_DATA) -> float:
-    """c_in(sigma) = 1/sqrt(sigma^2 + sigma_data^2) in float64 (:func:`gensample.parametrization.input_scaling`)."""
+    """c_in(sigma) = 1/sqrt(sigma^2 + sigma_data^2) in float64 (:func:`gensample.core.parametrization.input_scaling`)."""
     return float(input_scaling(_f64(sigma), sigma_data))
 
 

@@ -27,7 +27,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .reference import CTMStepCoefficients, ConsistencyStepCoefficients, _cast, check_step_inputs
+from .reference import ConsistencyStepCoefficients, CTMStepCoefficients, _cast, check_step_inputs
 
 __all__ = ["consistency_step_triton", "ctm_gamma_step_triton", "scale_input_triton", "SUPPORTED_DTYPES"]
 

@@ -1,7 +1,7 @@
 """Consistency Trajectory Model training (Kim et al., ICLR 2024, "Consistency Trajectory Model: Learning Probability
 Flow ODE Trajectory of Diffusion", arXiv 2310.02279): distil a frozen EDM teacher into a trajectory function
-G_theta(x_t, t, s) with the soft-consistency CTM loss, the DSM term and an optional GAN term (reference
-ctm-scott-nct-lcsc-video.md sec. 1.3-1.6, sony/ctm ``cm/karras_diffusion.py`` ``ctm_losses``).
+G_theta(x_t, t, s) with the soft-consistency CTM loss, the DSM term and an optional GAN term (sony/ctm
+``cm/karras_diffusion.py`` ``ctm_losses``).
 
 Networks (roles):
     student   G_theta   = TrajectoryFunction(CTMUNet2DModel), initialised from the teacher (g_theta(x, t, s) = D_phi)
@@ -10,7 +10,7 @@ Networks (roles):
     teacher   D_phi     = the frozen EDM denoiser (any teacher :func:`gensample.teachers.as_denoiser` accepts)
     discriminator (GAN term only), trained on alternate steps
 
-Generator loss per step (reference sec. 1.3-1.6):
+Generator loss per step (sony/ctm ``ctm_losses``):
     k ~ p(k) proportional to k (once per step), t = sigma_n, u = sigma_{n+k}, s = sigma_m, m ~ U{n+k..N-1}
     x_t   = x_0 + t z
     x_est = G_theta-( G_theta(x_t, t, s), s, sigma_min )                 grads flow through the inner G_theta and
@@ -28,7 +28,7 @@ D(aug(x_est)))), with x_est recomputed without gradients.
 
 Choices (and where they differ from sony/ctm; all documented at the arguments):
 
-* Target inner map: ``target_inner="student"`` (default) is the reference's ``ctm_target_inner_type='model_sg'``:
+* Target inner map: ``target_inner="student"`` (default) is sony/ctm's ``ctm_target_inner_type='model_sg'``:
   the *current* student weights under stop-gradient, G_theta(x_u, u, s). ``"target"`` uses the EMA weights instead
   (``'target_model_sg'``, the paper's G_sg(theta) read as the target network; used by later forks of the code).
 * Distance: ``"lpips"`` is CTM's default (``loss_norm='lpips'``): LPIPS (:mod:`gensample.metrics.lpips`) on images
@@ -64,15 +64,13 @@ import torch
 from diffusers import UNet2DModel
 from torch import nn
 
-from ..ctm import CTMTimes, TrajectoryFunction, ctm_sigmas, sample_ctm_times
-from ..edm_parametrization import EDMDenoiser
-from ..losses import pseudo_huber, pseudo_huber_constant, squared_l2
+from ..core.losses import edm_denoising_loss, pseudo_huber, squared_l2
+from ..core.parametrization import EDMDenoiser, TrajectoryFunction, per_sample
+from ..core.sampling import check_gamma, heun_step
+from ..core.sigmas import RHO, SIGMA_MAX, SIGMA_MIN, CTMTimes, karras_sigmas_descending, sample_ctm_times
 from ..models.ctm_unet import CTMUNet2DModel
 from ..models.discriminator import Discriminator, diff_augment, hinge_d_loss, hinge_g_loss, parse_augment_policy
-from ..sampling_edm import euler_step, heun_correct, ode_derivative
-from ..sigmas import RHO, SIGMA_MAX, SIGMA_MIN
 from .base import TrainingMethod
-from .edm import edm_loss_weight
 
 __all__ = ["CTMTraining", "CTM_DISTANCES", "adaptive_weight", "teacher_heun_solve"]
 
@@ -99,31 +97,24 @@ def adaptive_weight(main_loss: torch.Tensor, aux_loss: torch.Tensor, last_layer:
 def teacher_heun_solve(denoiser: nn.Module, x: torch.Tensor, grid: torch.Tensor, start_index: torch.Tensor,
                        num_steps: int, **kwargs: Any) -> torch.Tensor:
     """k = ``num_steps`` EDM Heun steps on the descending ``grid`` from sigma_{n} to sigma_{n+k}, with a different
-    start index n per sample (CTM ``heun_solver``; reference sec. 1.4). For j = 0..k-1, sigma_a = grid[n + j],
+    start index n per sample (CTM ``heun_solver``). For j = 0..k-1, sigma_a = grid[n + j],
     sigma_b = grid[n + j + 1]:
 
         d = (x - D(x, sigma_a)) / sigma_a;  x' = x + (sigma_b - sigma_a) d
         d' = (x' - D(x', sigma_b)) / sigma_b;  x <- x + (sigma_b - sigma_a)(d + d') / 2
 
-    (no Euler fallback: every sigma_b >= sigma_min > 0). The update rules are those of
-    :mod:`gensample.sampling_edm` (:func:`~gensample.sampling_edm.heun_solve` does the same for one shared
-    schedule), applied with per-sample levels. Costs 2k denoiser calls. Gradients are not disabled here.
+    (no Euler fallback: every sigma_b >= sigma_min > 0): :func:`gensample.core.sampling.heun_step` with per-sample
+    levels (:func:`~gensample.core.sampling.heun_solve` does the same for one shared schedule). Costs 2k denoiser
+    calls. Gradients are not disabled here.
     """
     if num_steps < 1:
         raise ValueError(f"num_steps must be >= 1, got {num_steps}.")
     if int(start_index.max()) + num_steps > len(grid) - 1:
         raise ValueError(f"start_index + num_steps must stay on the {len(grid)}-point grid.")
     grid = grid.to(torch.float64)
-    shape = (-1,) + (1,) * (x.ndim - 1)
     index = start_index.to("cpu")
     for j in range(num_steps):
-        sigma_a = grid[index + j].to(x.device)
-        sigma_b = grid[index + j + 1].to(x.device)
-        a, b = sigma_a.view(shape), sigma_b.view(shape)
-        d = ode_derivative(x, denoiser(x, sigma_a, **kwargs), a)
-        x_next = euler_step(x, d, a, b)
-        d_next = ode_derivative(x_next, denoiser(x_next, sigma_b, **kwargs), b)
-        x = heun_correct(x, d, d_next, a, b)
+        x, _ = heun_step(denoiser, x, grid[index + j], grid[index + j + 1], **kwargs)
     return x
 
 
@@ -143,8 +134,7 @@ def _frozen(module: nn.Module) -> Iterator[None]:
 
 def _resolve_teacher(teacher: Any) -> tuple[nn.Module, UNet2DModel | None, float | None]:
     """(denoiser D(x, sigma), the EDM backbone if there is one, the teacher's sigma_data if known)."""
-    from ..teachers import as_denoiser
-
+    from .teachers import as_denoiser
     if teacher is None:
         raise ValueError(
             "CTM distils a pretrained diffusion teacher, but teacher=None: pass an EDMPipeline (e.g. "
@@ -246,8 +236,6 @@ class CTMTraining(TrainingMethod):
         seed: int = 0,
     ):
         super().__init__()
-        from ..schedulers.scheduling_ctm import check_gamma
-
         denoiser, teacher_unet, teacher_sigma_data = _resolve_teacher(teacher)
         # -- validation ---------------------------------------------------------------------------------------------
         if not isinstance(num_sigmas, int) or num_sigmas < 2:
@@ -348,7 +336,7 @@ class CTMTraining(TrainingMethod):
         self.sigma_data = float(sigma_data)
         self.sample_gamma, self.seed = float(sample_gamma), int(seed)
         #: the descending N-point grid (float64, CPU; a plain attribute so that .to(dtype) never rounds it)
-        self.grid = ctm_sigmas(num_sigmas, sigma_min, sigma_max, rho)
+        self.grid = karras_sigmas_descending(num_sigmas, sigma_min, sigma_max, rho)
 
     def _apply(self, fn, *args, **kwargs):
         super()._apply(fn, *args, **kwargs)
@@ -416,14 +404,13 @@ class CTMTraining(TrainingMethod):
     def num_heun_steps(self, step: int) -> int:
         """k for ``step``: p(k) proportional to k^multiplier, drawn from a generator seeded by (seed, step), so every
         process and a resumed run draw the same k."""
-        from ..ctm import heun_step_probabilities
-
+        from ..core.sigmas import heun_step_probabilities
         g = torch.Generator().manual_seed((self.seed * 1_000_003 + int(step)) % (2**63))
         probs = heun_step_probabilities(self.max_heun_steps, self.heun_step_multiplier)
         return int(torch.multinomial(probs, 1, generator=g)) + 1
 
     def sample_times(self, batch_size: int, step: int, device: torch.device | str | None = None) -> CTMTimes:
-        """(k, t, u, s) of reference sec. 1.3: k from :meth:`num_heun_steps`, t/u/s per sample from the global RNG."""
+        """(k, t, u, s) of the generator loss (module docstring): k from :meth:`num_heun_steps`, t/u/s per sample from the global RNG."""
         return sample_ctm_times(batch_size, self.num_sigmas, self.max_heun_steps, self.heun_step_multiplier,
                                 num_heun_steps=self.num_heun_steps(step), sigma_min=self.sigma_min,
                                 sigma_max=self.sigma_max, rho=self.rho, device=device)
@@ -445,8 +432,7 @@ class CTMTraining(TrainingMethod):
         if self.distance_name == "l2":
             return squared_l2(x, y)
         if self.distance_name == "pseudo_huber":
-            c = self.huber_c if self.huber_c is not None else pseudo_huber_constant(x[0].numel())
-            return pseudo_huber(x, y, c)
+            return pseudo_huber(x, y, self.huber_c)
         if self.distance_name == "lpips":
             return self.lpips(x, y)
         fx, fy = self.feature_net.features(x.float()), self.feature_net.features(y.float())
@@ -471,11 +457,9 @@ class CTMTraining(TrainingMethod):
         """mean lambda(sigma) ||g_theta(x_sigma, sigma, sigma) - x_0||^2 / d, lambda = (sigma^2 + sd^2)/(sigma sd)^2
         (``get_DSM_loss`` with 'karras_weight')."""
         sigma = self.sample_dsm_sigmas(x0.shape[0], x0.device)
-        shape = (-1,) + (1,) * (x0.ndim - 1)
-        x_sigma = x0 + sigma.to(x0.dtype).view(shape) * torch.randn_like(x0)
+        x_sigma = x0 + per_sample(sigma, x0).to(x0.dtype) * torch.randn_like(x0)
         denoised = self.student.denoise(x_sigma, sigma, **kwargs)
-        per_sample = (denoised.float() - x0.float()).square().flatten(1).mean(1)
-        return (edm_loss_weight(sigma, self.sigma_data).float() * per_sample).mean()
+        return edm_denoising_loss(denoised, x0, sigma, self.sigma_data).mean()
 
     def _augment(self, x: torch.Tensor) -> torch.Tensor:
         return diff_augment(x, self.gan_augment) if self.gan_augment else x
@@ -491,8 +475,7 @@ class CTMTraining(TrainingMethod):
 
     def generator_losses(self, x0: torch.Tensor, step: int) -> dict[str, torch.Tensor]:
         times = self.sample_times(x0.shape[0], step, x0.device)
-        shape = (-1,) + (1,) * (x0.ndim - 1)
-        x_t = x0 + times.t.to(x0.dtype).view(shape) * torch.randn_like(x0)
+        x_t = x0 + per_sample(times.t, x0).to(x0.dtype) * torch.randn_like(x0)
         estimate = self.ctm_estimate(x_t, times.t, times.s)
         target = self.ctm_target(x_t, times)
         ctm = self.distance(estimate, target).mean()
@@ -519,8 +502,7 @@ class CTMTraining(TrainingMethod):
         """Hinge loss of D on real x_0 vs fake x_est (recomputed without gradients), independent augmentations."""
         with torch.no_grad():
             times = self.sample_times(x0.shape[0], step, x0.device)
-            shape = (-1,) + (1,) * (x0.ndim - 1)
-            x_t = x0 + times.t.to(x0.dtype).view(shape) * torch.randn_like(x0)
+            x_t = x0 + per_sample(times.t, x0).to(x0.dtype) * torch.randn_like(x0)
             fake = self.ctm_estimate(x_t, times.t, times.s)
         logits = self.discriminator(torch.cat([self._augment(x0), self._augment(fake)]))
         real_logits = [h[: x0.shape[0]] for h in logits]

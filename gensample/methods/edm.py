@@ -5,7 +5,7 @@ Per batch:
     sigma = exp(P_mean + P_std n),  n ~ N(0, 1)                  (log-normal training noise, P_mean=-1.2, P_std=1.2)
     lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2     (loss weight, Table 1)
     loss = mean[ lambda(sigma) (D(x_0 + sigma z, sigma) - x_0)^2 ]
-with D the EDM-preconditioned denoiser (gensample.edm_parametrization.EDMDenoiser). The mean runs over samples and
+with D the EDM-preconditioned denoiser (gensample.core.parametrization.EDMDenoiser). The mean runs over samples and
 elements; NVlabs/edm sums over elements instead, which only rescales the loss (and the Adam step is
 scale-invariant).
 """
@@ -16,16 +16,12 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..edm_parametrization import EDMDenoiser
-from ..sigmas import RHO, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN
+from ..core.losses import edm_denoising_loss, squared_l2
+from ..core.parametrization import EDMDenoiser, per_sample
+from ..core.sigmas import RHO, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN
 from .base import TrainingMethod
 
-__all__ = ["EDMTraining", "edm_loss_weight"]
-
-
-def edm_loss_weight(sigma: torch.Tensor, sigma_data: float = SIGMA_DATA) -> torch.Tensor:
-    """lambda(sigma) = (sigma^2 + sigma_data^2) / (sigma sigma_data)^2 = 1 / c_out(sigma)^2 (EDM Table 1)."""
-    return (sigma**2 + sigma_data**2) / (sigma * sigma_data) ** 2
+__all__ = ["EDMTraining"]
 
 
 class EDMTraining(TrainingMethod):
@@ -66,13 +62,10 @@ class EDMTraining(TrainingMethod):
     def forward(self, x0: torch.Tensor, step: int, group: str = "model") -> dict[str, torch.Tensor]:
         sigma = self.sample_sigmas(x0.shape[0], x0.device)
         noise = torch.randn_like(x0)
-        shape = (-1,) + (1,) * (x0.ndim - 1)
-        x_noisy = x0 + sigma.to(x0.dtype).view(shape) * noise
+        x_noisy = x0 + per_sample(sigma, x0).to(x0.dtype) * noise
         denoised = self.model(x_noisy, sigma)
-        weight = edm_loss_weight(sigma, self.sigma_data).to(torch.float32)
-        per_sample = (denoised.float() - x0.float()).square().flatten(1).mean(1)
-        loss = (weight * per_sample).mean()
-        return {"loss": loss, "mse": per_sample.mean().detach()}
+        loss = edm_denoising_loss(denoised, x0, sigma, self.sigma_data).mean()
+        return {"loss": loss, "mse": squared_l2(denoised.detach(), x0).mean()}
 
     def build_pipeline(self, eval_modules: dict[str, nn.Module]):
         from gensample.pipelines.pipeline_edm import EDMPipeline

@@ -9,20 +9,42 @@ RNG state is replayed for the teacher pass). The evaluation EMA never enters the
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from ..losses import get_distance, pseudo_huber_constant
-from ..parametrization import ConsistencyFunction
-from ..sigmas import SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, RHO, ict_loss_weighting, ict_num_sigmas, karras_sigmas
-from ..sigmas import lognormal_index_probabilities
+from ..core.losses import get_distance, scale_or_default
+from ..core.parametrization import ConsistencyFunction, per_sample
+from ..core.sigmas import (
+    RHO,
+    SIGMA_DATA,
+    SIGMA_MAX,
+    SIGMA_MIN,
+    ict_loss_weighting,
+    ict_num_sigmas,
+    karras_sigmas,
+    lognormal_index_probabilities,
+)
 from .base import TrainingMethod
 
 
 def _rng_devices(x: torch.Tensor) -> list:
     return [x.device] if x.device.type == "cuda" else []
+
+
+@dataclass
+class ConsistencyPair:
+    """One consistency-training pair per sample: the student f_theta(x0 + sigma_{i+1} z, sigma_{i+1}) and the
+    stop-gradient teacher f_theta(x0 + sigma_i z, sigma_i), with the grid and the draws that made them."""
+
+    student: torch.Tensor
+    teacher: torch.Tensor
+    sigmas: torch.Tensor  # the ascending grid at this step
+    index: torch.Tensor  # pair i per sample
+    sigma_student: torch.Tensor  # (B,) float64
+    weight: torch.Tensor  # lambda(sigma_i), (B,) float32
 
 
 class ImprovedConsistencyTraining(TrainingMethod):
@@ -50,6 +72,9 @@ class ImprovedConsistencyTraining(TrainingMethod):
         self.total_steps = int(total_steps)
         self.s0, self.s1 = int(s0), int(s1)
         self.p_mean, self.p_std = float(p_mean), float(p_std)
+        if distance == "edm":
+            raise ValueError("distance 'edm' is EDM's weighted denoising loss, not a consistency distance; choose "
+                             "pseudo_huber, pseudo_huber_elementwise, l2 or cauchy.")
         self.distance_name = distance
         self.distance = get_distance(distance)
         self.huber_c = huber_c
@@ -74,8 +99,8 @@ class ImprovedConsistencyTraining(TrainingMethod):
     def _student_teacher(self, x_student: torch.Tensor, sigma_student: torch.Tensor, x_teacher: torch.Tensor,
                          sigma_teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Student f_theta(x_student) with grad; teacher f_theta(x_teacher) under no_grad, detached, with the same
-        dropout mask: the RNG is replayed for the teacher (pitfall P2: save the state of the device the dropout
-        runs on, not only the CPU generator)."""
+        dropout mask: the RNG state of the device the dropout runs on (not only the CPU generator) is replayed for
+        the teacher."""
         devices = _rng_devices(x_student)
         cpu_state = torch.get_rng_state()
         cuda_states = [torch.cuda.get_rng_state(d) for d in devices]
@@ -88,27 +113,40 @@ class ImprovedConsistencyTraining(TrainingMethod):
                 teacher = self.model(x_teacher, sigma_teacher).detach()
         return student, teacher
 
-    def forward(self, x0: torch.Tensor, step: int, group: str = "model") -> dict[str, torch.Tensor]:
+    def pair_noise(self, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        """The noise z shared by student and teacher (iCT: as drawn; sLCT re-pairs it with the batch)."""
+        return noise
+
+    def consistency_pair(self, x0: torch.Tensor, step: int) -> ConsistencyPair:
+        """Draw i ~ p(i) and z, then evaluate student and teacher on the same z (random draws in this order: index,
+        noise, then the dropout masks)."""
         sigmas, probs, weights = self.noise_grid(step)
         index = torch.multinomial(probs, x0.shape[0], replacement=True)
         sigma_teacher = sigmas[index].to(x0.device)
         sigma_student = sigmas[index + 1].to(x0.device)
         weight = weights[index].to(device=x0.device, dtype=torch.float32)
-        noise = torch.randn_like(x0)
-        shape = (-1,) + (1,) * (x0.ndim - 1)
-        x_student = x0 + sigma_student.to(x0.dtype).view(shape) * noise
-        x_teacher = x0 + sigma_teacher.to(x0.dtype).view(shape) * noise
+        noise = self.pair_noise(x0, torch.randn_like(x0))
+        x_student = x0 + per_sample(sigma_student, x0).to(x0.dtype) * noise
+        x_teacher = x0 + per_sample(sigma_teacher, x0).to(x0.dtype) * noise
         student, teacher = self._student_teacher(x_student, sigma_student, x_teacher, sigma_teacher)
+        return ConsistencyPair(student, teacher, sigmas, index, sigma_student, weight)
 
-        kwargs = {}
+    def distance_kwargs(self, step: int, num_dims: int) -> dict[str, float]:
+        """Keyword arguments of the distance at ``step`` (the pseudo-Huber c, default 0.00054 sqrt(d))."""
         if self.distance_name.startswith("pseudo_huber"):
-            kwargs["c"] = self.huber_c if self.huber_c is not None else pseudo_huber_constant(x0[0].numel())
-        distance = self.distance(student, teacher, **kwargs)
-        loss = (weight * distance).mean()
-        return {"loss": loss, "distance": distance.mean().detach(), "num_sigmas": torch.tensor(float(len(sigmas)))}
+            return {"c": scale_or_default(self.huber_c, num_dims)}
+        return {}
+
+    def forward(self, x0: torch.Tensor, step: int, group: str = "model") -> dict[str, torch.Tensor]:
+        pair = self.consistency_pair(x0, step)
+        distance = self.distance(pair.student, pair.teacher, **self.distance_kwargs(step, x0[0].numel()))
+        loss = (pair.weight * distance).mean()
+        return {"loss": loss, "distance": distance.mean().detach(),
+                "num_sigmas": torch.tensor(float(len(pair.sigmas)))}
 
     def build_pipeline(self, eval_modules: dict[str, nn.Module]):
         from gensample.pipelines import ConsistencyPipeline
+
         from ..schedulers import ConsistencyScheduler
 
         scheduler = ConsistencyScheduler(

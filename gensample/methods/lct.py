@@ -2,7 +2,7 @@
 Consistency Models", ICLR 2025, arXiv 2502.01441), on top of :class:`ImprovedConsistencyTraining`.
 
 The paper's code is quandao10/LCT (branch ``ot`` @ 3f636db, script ``train_lct_ot_newc_allnonscalinglayernorm.sh``);
-every default below is that script's setting (reference doc sec. 3):
+every default below is that script's setting:
 
 * **Cauchy distance** (``distance="cauchy"``), per sample ``ln(1 + MSE_b / (2 c^2))`` with MSE the per-element mean
   (``loss_norm cauchy``), weighted by iCT's lambda = 1 / (sigma_{i+1} - sigma_i) and averaged over the batch.
@@ -12,9 +12,9 @@ every default below is that script's setting (reference doc sec. 3):
   descending grid t_0 = sigma_max > ... > t_{N-1} = sigma_min with the student at t_n, the samples with
   n >= int(0.75 N) add ``mean_{C,H,W} (f_theta(x_t, t) - x0)^2 (1/t^2 + 1/sigma_data^2)`` (EDM weight), averaged
   over that subset and weighted 5: ``L = mean_b L_CM,b + 5 mean_{b in S} L_diff,b``. It reuses the student forward
-  (no extra network evaluation). An empty subset contributes 0 (pitfall P11: its mean would be NaN).
+  (no extra network evaluation). An empty subset contributes 0 (its mean would be NaN in the research code).
 * **OT pairing** (``ot_pairing=True``, ``--ot-hard``): the unit-variance noise of the batch is permuted to the exact
-  minibatch OT coupling with the latents (:mod:`gensample.ot`) before noising; student and teacher share it.
+  minibatch OT coupling with the latents (:mod:`gensample.methods.ot`) before noising; student and teacher share it.
 * **Curriculum** s0 = 10, **s1 = 640** (iCT's doubling; N in {11, 21, ..., 641}).
 * Non-scaling LayerNorm is a property of the backbone (:class:`gensample.models.nsln.NsLNUNet2DModel`), not of
   this objective.
@@ -27,7 +27,7 @@ The input batches are latents already normalised per element to std 0.5 (:mod:`g
 :class:`~gensample.pipelines.LatentConsistencyPipeline` (they are not submodules: not trained, not checkpointed).
 
 Index convention: the code here uses iCT's ascending grid (pair i = (sigma_i, sigma_{i+1}), student at sigma_{i+1});
-the reference's descending index of the student is n = N - 2 - i.
+the research code's descending index of the student is n = N - 2 - i.
 """
 from __future__ import annotations
 
@@ -37,12 +37,10 @@ from typing import Any
 import torch
 from torch import nn
 
-from ..losses import pseudo_huber_constant
-from ..losses_slct import get_lct_distance, slct_cauchy_c
-from ..ot import ot_pair_noise
-from ..sigmas import RHO, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN
-from .edm import edm_loss_weight
+from ..core.losses import edm_denoising_loss, get_distance, scale_or_default, slct_cauchy_c
+from ..core.sigmas import RHO, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN
 from .ict import ImprovedConsistencyTraining
+from .ot import ot_pair_noise
 
 __all__ = ["LatentConsistencyTraining", "diffusion_loss_mask"]
 
@@ -51,7 +49,7 @@ def diffusion_loss_mask(index: torch.Tensor, num_sigmas: int, rate: float = 0.75
     """Which pairs get sLCT's diffusion loss: ascending pair index ``i`` (student at sigma_{i+1}) whose descending
     student index ``n = N - 2 - i`` satisfies ``n >= int(rate * N)`` (research code: ``indices >= int(0.75 N)``).
 
-    N = 11 -> pairs i <= 1 (student sigma <= 0.0851); N >= 21 -> student sigma <= 0.16975 (reference sec. 7.10).
+    N = 11 -> pairs i <= 1 (student sigma <= 0.0851); N >= 21 -> student sigma <= 0.16975.
     """
     if not 0.0 < rate < 1.0:
         raise ValueError(f"diffusion-loss rate must be in (0, 1), got {rate}.")
@@ -66,7 +64,7 @@ class LatentConsistencyTraining(ImprovedConsistencyTraining):
         backbone: the network F (``UNet2DModel`` or ``NsLNUNet2DModel``) over latents.
         total_steps: K of the curriculum.
         s0, s1, p_mean, p_std, sigma_*, rho: as :class:`ImprovedConsistencyTraining` (s1 defaults to 640).
-        distance: "cauchy" (sLCT) or a :mod:`gensample.losses` name ("pseudo_huber" = iCT).
+        distance: "cauchy" (sLCT) or a :mod:`gensample.core.losses` name ("pseudo_huber" = iCT).
         cauchy_c: first-stage Cauchy c (default 0.00054 sqrt(d), d = C*h*w of the latents).
         adaptive_c: after the first stage use c(N) = exp(-1.15 ln(N-1) - 0.85) (Cauchy only).
         huber_c: the pseudo-Huber c when ``distance`` is a pseudo-Huber variant (default 0.00054 sqrt(d)).
@@ -103,10 +101,10 @@ class LatentConsistencyTraining(ImprovedConsistencyTraining):
         vae: nn.Module | None = None,
         normalizer: nn.Module | None = None,
     ):
-        distance_fn = get_lct_distance(distance)  # validates the name (ValueError lists the choices)
+        distance_fn = get_distance(distance)  # validates the name (ValueError lists the choices)
         if adaptive_c and distance != "cauchy":
             raise ValueError(f"adaptive_c applies to the Cauchy distance only (its constants are fitted to the "
-                             f"MSE-form Cauchy loss, pitfall P11); got distance={distance!r}. Pass adaptive_c=False.")
+                             f"MSE-form Cauchy loss); got distance={distance!r}. Pass adaptive_c=False.")
         if cauchy_c is not None and not cauchy_c > 0:
             raise ValueError(f"cauchy_c must be > 0, got {cauchy_c}.")
         if diffusion_weight < 0:
@@ -115,12 +113,9 @@ class LatentConsistencyTraining(ImprovedConsistencyTraining):
             raise ValueError(f"diffusion_rate must be in (0, 1), got {diffusion_rate}.")
         if (vae is None) != (normalizer is None):
             raise ValueError("pass both vae and normalizer (to export a LatentConsistencyPipeline) or neither.")
-        # ImprovedConsistencyTraining validates the distance names gensample.losses knows; "cauchy" lives in
-        # gensample.losses_slct, so it is set below.
-        super().__init__(backbone, total_steps, s0=s0, s1=s1, p_mean=p_mean, p_std=p_std,
-                         distance="l2" if distance == "cauchy" else distance, huber_c=huber_c, sigma_min=sigma_min,
+        super().__init__(backbone, total_steps, s0=s0, s1=s1, p_mean=p_mean, p_std=p_std, distance=distance,
+                         huber_c=huber_c, sigma_min=sigma_min,
                          sigma_max=sigma_max, sigma_data=sigma_data, rho=rho, sampling_sigmas=sampling_sigmas)
-        self.distance_name, self.distance = distance, distance_fn
         self.cauchy_c = None if cauchy_c is None else float(cauchy_c)
         self.adaptive_c = bool(adaptive_c)
         self.use_diffusion_loss = bool(use_diffusion_loss)
@@ -149,45 +144,32 @@ class LatentConsistencyTraining(ImprovedConsistencyTraining):
         n = self.num_sigmas(step)
         if self.adaptive_c and n > self.s0 + 1:
             return slct_cauchy_c(n)
-        return self.cauchy_c if self.cauchy_c is not None else pseudo_huber_constant(num_dims)
+        return scale_or_default(self.cauchy_c, num_dims)
 
-    def _distance_kwargs(self, step: int, num_dims: int) -> dict[str, float]:
+    def distance_kwargs(self, step: int, num_dims: int) -> dict[str, float]:
         if self.distance_name == "cauchy":
             return {"c": self.cauchy_scale(step, num_dims)}
-        if self.distance_name.startswith("pseudo_huber"):
-            return {"c": self.huber_c if self.huber_c is not None else pseudo_huber_constant(num_dims)}
-        return {}
+        return super().distance_kwargs(step, num_dims)
+
+    def pair_noise(self, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
+        return ot_pair_noise(x0, noise) if self.ot_pairing else noise
 
     def forward(self, x0: torch.Tensor, step: int, group: str = "model") -> dict[str, torch.Tensor]:
-        sigmas, probs, weights = self.noise_grid(step)
-        num_sigmas = len(sigmas)
-        # Same random draws, in the same order, as ImprovedConsistencyTraining.forward (index, then noise).
-        index = torch.multinomial(probs, x0.shape[0], replacement=True)
-        sigma_teacher = sigmas[index].to(x0.device)
-        sigma_student = sigmas[index + 1].to(x0.device)
-        weight = weights[index].to(device=x0.device, dtype=torch.float32)
-        noise = torch.randn_like(x0)
-        if self.ot_pairing:
-            noise = ot_pair_noise(x0, noise)
-        shape = (-1,) + (1,) * (x0.ndim - 1)
-        x_student = x0 + sigma_student.to(x0.dtype).view(shape) * noise
-        x_teacher = x0 + sigma_teacher.to(x0.dtype).view(shape) * noise
-        student, teacher = self._student_teacher(x_student, sigma_student, x_teacher, sigma_teacher)
-
-        kwargs = self._distance_kwargs(step, x0[0].numel())
-        distance = self.distance(student, teacher, **kwargs)
-        cm_loss = (weight * distance).mean()
+        pair = self.consistency_pair(x0, step)
+        num_sigmas = len(pair.sigmas)
+        kwargs = self.distance_kwargs(step, x0[0].numel())
+        distance = self.distance(pair.student, pair.teacher, **kwargs)
+        cm_loss = (pair.weight * distance).mean()
         out = {"distance": distance.mean().detach(), "cm_loss": cm_loss.detach(),
                "num_sigmas": torch.tensor(float(num_sigmas))}
         if "c" in kwargs:
             out["c"] = torch.tensor(kwargs["c"])
         loss = cm_loss
         if self.use_diffusion_loss:
-            mask = diffusion_loss_mask(index, num_sigmas, self.diffusion_rate).to(x0.device)
+            mask = diffusion_loss_mask(pair.index, num_sigmas, self.diffusion_rate).to(x0.device)
             if mask.any():
-                mse = (student.float() - x0.float()).flatten(1).square().mean(1)
-                diff = (mse * edm_loss_weight(sigma_student, self.sigma_data).to(torch.float32))[mask].mean()
-            else:  # empty low-noise subset: the reference's mean would be NaN (P11)
+                diff = edm_denoising_loss(pair.student, x0, pair.sigma_student, self.sigma_data)[mask].mean()
+            else:  # empty low-noise subset: the research code's mean would be NaN
                 diff = torch.zeros((), device=x0.device)
             loss = loss + self.diffusion_weight * diff
             out["diffusion_loss"] = diff.detach()

@@ -33,6 +33,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 from diffusers import DDIMScheduler, DDPMScheduler
+from einops import rearrange
 from torch import nn
 
 from ..video.tiny_model import null_prompt_embeds
@@ -97,7 +98,6 @@ class VideoDiffusionTraining(TrainingMethod):
         self.noise_scheduler = DDPMScheduler(
             num_train_timesteps=self.num_train_timesteps, beta_schedule=beta_schedule, prediction_type=prediction_type,
             trained_betas=shifted_betas(self.num_train_timesteps, beta_schedule, self.logsnr_shift))
-        self.register_buffer("alphas_cumprod", self.noise_scheduler.alphas_cumprod.clone().float(), persistent=False)
 
     def trainable_groups(self) -> dict[str, nn.Module]:
         return {"unet": self.unet}
@@ -106,16 +106,16 @@ class VideoDiffusionTraining(TrainingMethod):
         return {"unet": self.unet}
 
     def add_noise(self, x0: torch.Tensor, noise: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
-        """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps (DDPM eq. 4), per sample."""
-        ab = self.alphas_cumprod.to(x0.device)[t].to(x0.dtype).view((-1,) + (1,) * (x0.ndim - 1))
-        return ab.sqrt() * x0 + (1 - ab).sqrt() * noise
+        """x_t = sqrt(alpha_bar_t) x_0 + sqrt(1 - alpha_bar_t) eps (DDPM eq. 4), per sample
+        (``DDPMScheduler.add_noise`` of the training scheduler)."""
+        return self.noise_scheduler.add_noise(x0, noise, t)
 
     def predict_noise(self, x_t: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
         """eps_theta for videos (B, F, C, H, W): the UNet sees (B, C, F, H, W) and the null prompt."""
         b, f = x_t.shape[:2]
         prompt = null_prompt_embeds(self.unet, b, x_t.device, x_t.dtype, num_frames=f)
-        out = self.unet(x_t.transpose(1, 2), t, encoder_hidden_states=prompt).sample
-        return out.transpose(1, 2)
+        out = self.unet(rearrange(x_t, "b f c h w -> b c f h w"), t, encoder_hidden_states=prompt).sample
+        return rearrange(out, "b c f h w -> b f c h w")
 
     def forward(self, x0: torch.Tensor, step: int, group: str = "unet") -> dict[str, torch.Tensor]:
         if x0.ndim != 5:
@@ -125,8 +125,7 @@ class VideoDiffusionTraining(TrainingMethod):
         pred = self.predict_noise(self.add_noise(x0, noise, t), t)
         target = noise
         if self.prediction_type == "v_prediction":  # v = sqrt(ab) eps - sqrt(1 - ab) x_0 (Salimans & Ho 2022)
-            ab = self.alphas_cumprod.to(x0.device)[t].to(x0.dtype).view((-1,) + (1,) * (x0.ndim - 1))
-            target = ab.sqrt() * noise - (1 - ab).sqrt() * x0
+            target = self.noise_scheduler.get_velocity(x0, noise, t)
         loss = F.mse_loss(pred.float(), target.float())
         return {"loss": loss}
 
@@ -162,4 +161,4 @@ def _ddim_sample(unet: nn.Module, scheduler: DDIMScheduler, num_videos: int, num
     for t in scheduler.timesteps:
         eps = unet(x, t, encoder_hidden_states=prompt).sample
         x = scheduler.step(eps, t, x, eta=0.0).prev_sample
-    return x.clamp(-1, 1).transpose(1, 2).float().cpu()
+    return rearrange(x.clamp(-1, 1), "b c f h w -> b f c h w").float().cpu()

@@ -8,10 +8,12 @@ Every extractor follows one contract so torchmetrics can use it directly
 * output: (N, ``num_features``) float32 features;
 * attributes ``name`` (recorded in statistics files) and ``weights_sha256`` (hash of the weights, see
   :func:`state_dict_sha256`), checked before comparing against stored statistics.
+
+:func:`to_uint8` and :func:`state_dict_sha256` live in :mod:`._extractor_contract` (shared with ``inception`` and
+``lpips``) and stay importable from here.
 """
 from __future__ import annotations
 
-import hashlib
 import json
 from pathlib import Path
 
@@ -20,29 +22,10 @@ import torch.nn.functional as F
 from torch import nn
 
 from ..assets import asset_path
+from ._extractor_contract import state_dict_sha256, to_uint8
 
 DIGITS_CLASSIFIER_FILE = "digits_classifier.safetensors"
 FEATURE_NAMES = ("digits", "inception")
-
-
-def to_uint8(images: torch.Tensor) -> torch.Tensor:
-    """uint8 images as they are; float images in [0, 1] -> ``round(255 x)`` as uint8 (range checked by callers)."""
-    if images.dtype == torch.uint8:
-        return images
-    if not images.is_floating_point():
-        raise TypeError(f"images must be uint8 or float in [0, 1], got dtype {images.dtype}.")
-    return (images * 255).round().clamp(0, 255).to(torch.uint8)
-
-
-def state_dict_sha256(module: nn.Module) -> str:
-    """sha256 over (name, dtype, shape, bytes) of every state-dict entry in key order: identifies the weights
-    independently of the file format they were stored in."""
-    h = hashlib.sha256()
-    for key, value in module.state_dict().items():
-        t = value.detach().cpu().contiguous()
-        h.update(f"{key}|{t.dtype}|{tuple(t.shape)}|".encode())
-        h.update(t.reshape(-1).view(torch.uint8).numpy().tobytes() if t.numel() else b"")
-    return h.hexdigest()
 
 
 def to_digits_input(x: torch.Tensor) -> torch.Tensor:

@@ -43,7 +43,8 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from .features import get_feature_extractor, to_uint8
+from ._extractor_contract import to_uint8
+from .features import get_feature_extractor
 
 STATS_FORMAT_VERSION = 1
 DEFAULT_KID_FEATURES = 5000  # real features kept in a stats file for KID (all of them for the digits set)

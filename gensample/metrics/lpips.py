@@ -329,7 +329,7 @@ def load_lpips(weights: WeightsSpec, net: str | None = None, resize: int | None 
                device: str | torch.device | None = None) -> LPIPS:
     """:class:`LPIPS` with the weights of ``weights`` (see :func:`read_lpips_state_dict`), frozen, in eval mode.
     ``model.weights_sha256`` identifies the weights independently of the files they came from."""
-    from .features import state_dict_sha256
+    from ._extractor_contract import state_dict_sha256
 
     net, state = read_lpips_state_dict(weights, net)
     model = LPIPS(net, resize=resize, pooling=pooling)

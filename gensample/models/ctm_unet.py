@@ -1,6 +1,7 @@
 """CTMUNet2DModel: a diffusers ``UNet2DModel`` with a second time input s, the backbone F(x, t, s) of CTM's
-trajectory function G(x, t, s) (Kim et al. 2024, "Consistency Trajectory Models", sec. 3 / eq. of G in
-gensample/ctm.py).
+trajectory function G(x, t, s) = (s/t) x + (1 - s/t) g(x, t, s), g = c_skip(t) x + c_out(t) F(c_in(t) x, c_noise(t),
+c_noise(s)) with EDM's scalings at t (Kim et al. 2024, "Consistency Trajectory Models", sec. 3; sony/ctm
+``get_denoised_and_G``).
 
 Design (what we chose, and how it differs from the CTM code):
 
@@ -9,9 +10,9 @@ Design (what we chose, and how it differs from the CTM code):
   t-embedding** before it reaches the blocks: emb = time_embedding(proj(t)) + s_embedding(proj(s)) [+ class emb].
   The CTM code sums per block instead (``emb_layers(emb) + emb_layers_s(emb_s)`` in the ADM ResBlock,
   ``affine(emb) + affine_s(emb_s)`` in DDPM++), i.e. each block has a separate s projection. Adding the embeddings
-  shares the per-block projections between t and s (reference ctm-scott-nct-lcsc-video.md sec. 1.2, option b),
-  which keeps every ``UNet2DModel`` block unchanged, so a teacher's weights load by name and diffusers' blocks are
-  reused as they are. It is not parameter-for-parameter identical to CTM.
+  shares the per-block projections between t and s, which keeps every ``UNet2DModel`` block unchanged, so a
+  teacher's weights load by name and diffusers' blocks are reused as they are. It is not parameter-for-parameter
+  identical to CTM.
 * ``s_embedding.linear_2`` starts at zero (weight and bias), so the s-branch outputs 0 and a student initialised from
   a teacher (:func:`init_from_teacher`) computes exactly the teacher's output for every s: g(x, t, s) = D(x, t).
   CTM initialises its s-branch with the ordinary non-zero init; the zero output is the better start for

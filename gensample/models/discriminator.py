@@ -1,5 +1,5 @@
 """A small multi-scale discriminator, DiffAugment and the hinge GAN losses for CTM's GAN term (Kim et al., ICLR 2024,
-sec. 3 "auxiliary GAN loss"; reference ctm-scott-nct-lcsc-video.md sec. 1.6).
+sec. 3 "auxiliary GAN loss"; research code sony/ctm).
 
 What CTM uses, and what this module offers instead:
 

@@ -1,17 +1,18 @@
 """LatentNormalizer: the per-element latent statistics of sLCT as a diffusers model component, so that a latent
 consistency pipeline saves and reloads them with ``save_pretrained`` / ``from_pretrained``.
 
-sLCT (Dao et al. ICLR 2025; research code quandao10/LCT ``extract_stat.py`` and ``train_cm_latent.py``, reference doc
-sec. 3.1) stores ``z * scaling_factor`` (z = ``vae.encode(x).latent_dist.sample()``), and at train time uses
+sLCT (Dao et al. ICLR 2025; research code quandao10/LCT ``extract_stat.py`` and ``train_cm_latent.py``) stores
+``z * scaling_factor`` (z = ``vae.encode(x).latent_dist.sample()``), and at train time uses
 
     x = (latent / scaling_factor - mean) / std * 0.5
 
-with ``mean``, ``std`` **per-element** tensors of shape [C, h, w] (``torch.std_mean(z, dim=0)`` over the dataset,
-pitfall P11: not per channel); the result has std ~0.5 = sigma_data. Decoding: ``vae.decode(x * std / 0.5 + mean)``.
+with ``mean``, ``std`` **per-element** tensors of shape [C, h, w], not per-channel ones (``extract_stat.py``:
+``torch.std_mean(z, dim=0)`` over the dataset); the result has std ~0.5 = sigma_data. Decoding:
+``vae.decode(x * std / 0.5 + mean)``.
 
 Conventions here (diffusers): a "scaled" latent is ``(z - shift_factor) * scaling_factor`` (``shift_factor`` None =
 0, as for SD VAEs; SD3/Flux VAEs set it), ``z`` is the raw VAE latent that ``vae.decode`` takes, and the statistics
-are those of ``z``. The scaling factor therefore cancels in the normalised latents, exactly as in the reference.
+are those of ``z``. The scaling factor therefore cancels in the normalised latents, exactly as in the research code.
 """
 from __future__ import annotations
 

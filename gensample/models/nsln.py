@@ -2,10 +2,10 @@
 research code quandao10/LCT ``models/network_karras.py::NonScalingLayerNorm``, flags
 ``--block-norm-type non-scaling-layer-norm --last-norm-type non-scaling-layer-norm``).
 
-Reference behaviour (reference doc sec. 3.2): a ``torch.nn.LayerNorm`` over the **whole [C, H, W] of each sample**
-(``normalized_shape = [C, res, res]``) whose affine weight is initialised to 1 and frozen, with a trainable,
-zero-initialised bias of that same per-element shape; it replaces GroupNorm in every UNet block (norm0/norm1/norm2,
-the last of which is the attention pre-norm) and the output norm.
+Research-code behaviour (``NonScalingLayerNorm(nn.LayerNorm)``): a ``torch.nn.LayerNorm`` over the **whole
+[C, H, W] of each sample** (``normalized_shape = [C, res, res]``) whose affine weight is initialised to 1 and frozen,
+with a trainable, zero-initialised bias of that same per-element shape; it replaces GroupNorm in every UNet block
+(norm0/norm1/norm2, the last of which is the attention pre-norm) and the output norm.
 
 Here:
 
@@ -15,7 +15,7 @@ Here:
 * :func:`replace_group_norm` swaps every ``nn.GroupNorm`` of a diffusers ``UNet2DModel`` (ResNet norm1/norm2, the
   attention ``group_norm`` and ``conv_norm_out``) for an NsLN whose shape is the input shape that GroupNorm sees at
   the model's ``sample_size``, found by a shape-only forward pass on the ``meta`` device (no compute, no memory). An
-  attention block normalises its (C, H*W) token matrix, as the reference's attention norm normalises [C, H, W].
+  attention block normalises its (C, H*W) token matrix, as the research code's attention norm normalises [C, H, W].
   Because the bias is per element, a model with NsLN runs only at its configured ``sample_size``.
 * :class:`NsLNUNet2DModel` is a ``UNet2DModel`` with a ``norm_type`` config entry ("nsln" or "group") that applies
   :func:`replace_group_norm` in ``__init__``, so ``save_pretrained`` / ``from_pretrained`` (which rebuild the model
@@ -127,7 +127,7 @@ def replace_group_norm(unet: UNet2DModel) -> int:
     """Replace every ``nn.GroupNorm`` of ``unet`` (in place) by a :class:`NonScalingLayerNorm` over the per-sample
     shape it normalises at ``unet.config.sample_size``; returns the number replaced.
 
-    New biases start at zero (the reference's init) on the device/dtype of the replaced norm's parameters. Use
+    New biases start at zero (the research code's init) on the device/dtype of the replaced norm's parameters. Use
     :class:`NsLNUNet2DModel` for a model that must survive ``save_pretrained``/``from_pretrained``: a plain
     ``UNet2DModel`` rebuilt from its config would get GroupNorms back.
     """

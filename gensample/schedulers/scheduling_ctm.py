@@ -1,6 +1,6 @@
 """CTMScheduler: CTM's gamma-sampling (Kim et al., ICLR 2024, "Consistency Trajectory Models", sec. 4 / Algorithm
 "gamma-sampling"; sony/ctm ``cm/sample_util.py`` ``sample_exact``, ``sample_gamma_multistep``, ``sample_multistep``)
-as a diffusers scheduler over the trajectory function G(x, t, s) of :mod:`gensample.ctm`.
+as a diffusers scheduler over the trajectory function G(x, t, s) of :mod:`gensample.core.parametrization`.
 
 For sampling levels sigma_0 > sigma_1 > ... > sigma_{n-1} and sigma_n = sigma_min, step i is (reference sec. 1.7)
 
@@ -43,23 +43,12 @@ from diffusers.configuration_utils import register_to_config
 from diffusers.utils import BaseOutput
 from diffusers.utils.torch_utils import randn_tensor
 
+from ..core.parametrization import noise_conditioning
+from ..core.sampling import check_gamma
+from ..core.sigmas import karras_sigma_at_descending_index, karras_sigmas
 from ..kernels import CTMStepCoefficients, ctm_gamma_step, scale_model_input
-from ..parametrization import noise_conditioning
-from ..sigmas import karras_sigma_at_index, karras_sigmas
 
 __all__ = ["CTMScheduler", "CTMSchedulerOutput", "check_gamma"]
-
-
-def check_gamma(gamma: float) -> float:
-    """``gamma`` as a float in [0, 1], or a ValueError that names it (NaN and non-numbers are rejected too)."""
-    try:
-        value = float(gamma)
-    except (TypeError, ValueError):
-        raise ValueError(f"`gamma` must be a number in [0, 1] (0 = deterministic CTM jumps, 1 = CM multistep), "
-                         f"got {gamma!r}.") from None
-    if isinstance(gamma, bool) or not 0.0 <= value <= 1.0:  # also rejects NaN
-        raise ValueError(f"`gamma` must lie in [0, 1] (0 = deterministic CTM jumps, 1 = CM multistep), got {gamma!r}.")
-    return value
 
 
 @dataclass
@@ -173,7 +162,7 @@ class CTMScheduler(SchedulerMixin, ConfigMixin):
                     f"{cfg.num_train_timesteps - 1} is sigma_min, the implicit end point: leave it out), got "
                     f"{list(timesteps)}."
                 )
-            sampling = torch.tensor([karras_sigma_at_index(i, cfg.num_train_timesteps, cfg.sigma_min, cfg.sigma_max,
+            sampling = torch.tensor([karras_sigma_at_descending_index(i, cfg.num_train_timesteps, cfg.sigma_min, cfg.sigma_max,
                                                            cfg.rho) for i in idx], dtype=torch.float64)
         else:
             sampling = torch.as_tensor(sigmas, dtype=torch.float64).flatten()

@@ -390,7 +390,8 @@ class Trainer:
                         if not torch.isfinite(losses["loss"]):
                             raise FloatingPointError(
                                 f"non-finite loss at step {self.step} ({group}); lower --learning-rate or use "
-                                "--mixed-precision bf16/no (fp16 overflows, see pitfall P8).")
+                                "--mixed-precision bf16/no (float16 overflows above 65504; bf16 has float32's "
+                                "exponent range).")
                         acc.backward(losses["loss"] / cfg.gradient_accumulation_steps)
                 if cfg.max_grad_norm:
                     acc.clip_grad_norm_(opt.optimizer.param_groups[0]["params"], cfg.max_grad_norm)

@@ -6,6 +6,7 @@ from typing import Any, Iterable
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 
 from .motion_metrics import centre_of_mass, motion_fidelity
 
@@ -17,9 +18,9 @@ def digit_crops(videos: torch.Tensor, size: int = 12) -> torch.Tensor:
     centre of mass (background padding outside the canvas)."""
     if videos.dim() != 5 or videos.shape[2] != 1:
         raise ValueError(f"videos must be (N, F, 1, H, W), got {tuple(videos.shape)}.")
-    n, f, _, h, w = videos.shape
-    centres = centre_of_mass(videos).reshape(n * f, 2)
-    frames = F.pad(videos.reshape(n * f, 1, h, w), (size, size, size, size), value=-1.0)
+    h, w = videos.shape[-2:]
+    centres = rearrange(centre_of_mass(videos), "n f xy -> (n f) xy")
+    frames = F.pad(rearrange(videos, "n f 1 h w -> (n f) 1 h w"), (size, size, size, size), value=-1.0)
     crops = []
     for frame, (cx, cy) in zip(frames, centres.tolist()):
         x0 = int(round(cx - (size - 1) / 2)) + size
@@ -37,8 +38,8 @@ def digit_scores(videos: torch.Tensor, classifier=None) -> dict[str, float]:
     from gensample.metrics.features import load_digits_classifier
 
     classifier = classifier or load_digits_classifier()
-    n, f = videos.shape[:2]
-    probs = torch.softmax(classifier(digit_crops(videos.float().cpu())), dim=-1).reshape(n, f, -1)
+    probs = torch.softmax(classifier(digit_crops(videos.float().cpu())), dim=-1)
+    probs = rearrange(probs, "(n f) k -> n f k", n=videos.shape[0])
     labels = probs.argmax(-1)
     majority = labels.mode(dim=1).values
     return {"confidence": float(probs.max(-1).values.mean()),

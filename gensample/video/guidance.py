@@ -1,5 +1,5 @@
 """Motion consistency loss (Zhang et al. 2025, "Training-Free Motion-Guided Video Generation with Enhanced Temporal
-Consistency Using Motion Consistency Loss", arXiv 2501.07563; reference notes sec. 5.1).
+Consistency Using Motion Consistency Loss", arXiv 2501.07563).
 
 The motion of a video is summarised by *soft trajectories* of keypoints in the input features of the video UNet's
 temporal-attention modules. For a keypoint p on anchor frame f with feature vector f_p, and a later frame i
@@ -11,10 +11,11 @@ and the loss between the generated video's patterns M' and the reference's M is
 
     L_c = sum_layers sum_points sum_f sum_{i=f+1}^{min(F-1, f+R)} || M'_i - M_i ||_2^2.
 
-Choices (the paper has no public code; the notes flag what is unverified):
+Choices where the paper (which has no public code) leaves room for interpretation:
 
-* ``logit_scale`` multiplies the cosine (inverse temperature, default 10). The digest writes cos/tau with tau = 10,
-  which makes every softmax nearly uniform; we read tau as an inverse temperature, as the notes recommend.
+* ``logit_scale`` multiplies the cosine (inverse temperature, default 10). The paper's tau = 10 read as a temperature,
+  cos / tau, would keep every logit within [-0.1, 0.1] and every softmax nearly uniform, so tau is read as an
+  inverse temperature, cos * tau.
 * Anchor frames: the user's keypoint lives on frame 0. Its location on a later anchor frame f is the argmax of the
   reference's own M_f (from the latest anchor that reaches f), as the paper describes for anchors f > 1. The
   generated video is evaluated at the *reference's* anchor locations, so a generated object that sits elsewhere is
@@ -33,6 +34,7 @@ from typing import Sequence
 
 import torch
 import torch.nn.functional as F
+from einops import rearrange
 from torch import nn
 
 __all__ = [
@@ -66,7 +68,7 @@ def temporal_attention_modules(unet: nn.Module) -> dict[str, nn.Module]:
 
 @dataclass
 class MotionGuidanceConfig:
-    """Settings of motion-consistency guidance (defaults: the paper's where reported, sec. 5.1 of the notes).
+    """Settings of motion-consistency guidance (defaults: the paper's where it reports them, marked "paper" below).
 
     Args:
         layers: fnmatch patterns over module names selecting the temporal-attention modules whose inputs are
@@ -150,8 +152,7 @@ class FeatureRecorder:
         def pre_hook(module, args, kwargs):
             hidden = args[0] if args else kwargs["hidden_states"]
             num_frames = kwargs.get("num_frames", args[4] if len(args) > 4 else 1)
-            bf, c, h, w = hidden.shape
-            self.features[name] = hidden.reshape(bf // num_frames, num_frames, c, h, w)
+            self.features[name] = rearrange(hidden, "(b f) c h w -> b f c h w", f=num_frames)
             if self._truncate and len(self.features) == len(self.modules):
                 raise _StopForward
         return pre_hook
@@ -196,7 +197,7 @@ def soft_trajectory(features: torch.Tensor, anchor_frame: int, anchor_index: tor
     Returns (B, len(frames), H * W).
     """
     b, _, c, h, w = features.shape
-    flat = F.normalize(features.flatten(3), dim=2, eps=1e-8)  # (B, F, C, HW)
+    flat = F.normalize(rearrange(features, "b f c h w -> b f c (h w)"), dim=2, eps=1e-8)
     index = torch.as_tensor(anchor_index, device=features.device).reshape(-1).expand(b)
     anchor = flat[torch.arange(b, device=features.device), anchor_frame, :, index]  # (B, C)
     cosine = torch.einsum("bc,bfcn->bfn", anchor, flat[:, list(frames)])
@@ -268,7 +269,7 @@ def auto_keypoints(reference: torch.Tensor, count: int = 1) -> list[tuple[float,
     so the largest deviation on frame 0 lies on the moving object. Points are cell centres.
     """
     if reference.dim() == 5:
-        reference = reference[0].transpose(0, 1)
+        reference = rearrange(reference[0], "c f h w -> f c h w")
     if reference.dim() != 4 or reference.shape[0] < 2:
         raise ValueError(f"auto_keypoints needs a video (F, C, H, W) with F >= 2, got shape {tuple(reference.shape)}.")
     deviation = (reference[0] - reference.median(dim=0).values).abs().sum(dim=0)  # (H, W)

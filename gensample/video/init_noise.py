@@ -1,11 +1,12 @@
 """Initial noise that carries a reference video's motion: DDIM inversion and FreeInit's low-frequency mixing.
 
-* DDIM inversion (Song et al. 2021, eq. 13 run backwards; the MCL paper's reference-video control, notes sec. 5.1):
-  the reference latent is walked from t = 0 up the sampler's timesteps with the deterministic DDIM update, using
-  diffusers' :class:`~diffusers.DDIMInverseScheduler` built from the sampling scheduler's config.
-* Low-frequency mixing (FreeInit, Wu et al. 2023, eqs. 3-5; notes sec. 5.4): keep the low spatio-temporal
-  frequencies of one latent and take the high ones from fresh Gaussian noise, with a Butterworth low-pass filter of
-  order n and normalised cut-offs d_s (space) and d_t (time), both 0.25 by default.
+* DDIM inversion (Song et al. 2021, eq. 13 run backwards; the reference-video control of the MCL paper, Zhang et al.
+  2025, arXiv 2501.07563): the reference latent is walked from t = 0 up the sampler's timesteps with the
+  deterministic DDIM update, using diffusers' :class:`~diffusers.DDIMInverseScheduler` built from the sampling
+  scheduler's config.
+* Low-frequency mixing (FreeInit, Wu et al. 2023, eqs. 3-5): keep the low spatio-temporal frequencies of one latent
+  and take the high ones from fresh Gaussian noise, with a Butterworth low-pass filter of order n and normalised
+  cut-offs d_s (space) and d_t (time), both 0.25 by default.
 """
 from __future__ import annotations
 

@@ -8,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from einops import rearrange
 from PIL import Image, ImageSequence
 
 __all__ = ["load_video", "save_gif", "save_strip_png", "video_to_uint8"]
@@ -28,7 +29,7 @@ def _from_channels_last(arr: np.ndarray, what: str) -> torch.Tensor:
         arr = arr[..., None]
     if arr.ndim != 4 or arr.shape[-1] not in (1, 3, 4):
         raise ValueError(f"{what} must be (F, H, W) or (F, H, W, C) with C in 1, 3, 4; got shape {arr.shape}.")
-    return torch.from_numpy(np.ascontiguousarray(arr)).permute(0, 3, 1, 2)
+    return rearrange(torch.from_numpy(np.ascontiguousarray(arr)), "f h w c -> f c h w")
 
 
 def _gif_frames(path: Path) -> list[Image.Image]:
@@ -132,7 +133,7 @@ def video_to_uint8(frames: torch.Tensor) -> np.ndarray:
     if x.shape[0] == 0:
         raise ValueError("frames is empty; pass at least one frame.")
     x = ((x.detach().float().cpu().clamp(-1, 1) + 1) / 2 * 255).round().to(torch.uint8)
-    return x.permute(0, 2, 3, 1).numpy()
+    return rearrange(x, "f c h w -> f h w c").numpy()
 
 
 def save_gif(frames, path: str | Path, fps: float = 4) -> Path:

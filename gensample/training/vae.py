@@ -1,7 +1,7 @@
 """A small diffusers ``AutoencoderKL`` for latent consistency training on the embedded digits (or any small image
 set), saved in diffusers format so that ``gensample train lct --vae PATH`` (and any diffusers code) can load it.
 
-sLCT itself uses the pretrained ``stabilityai/sd-vae-ft-ema`` (f = 8, 4 latent channels; reference doc sec. 3.1); that
+sLCT itself uses the pretrained ``stabilityai/sd-vae-ft-ema`` (f = 8, 4 latent channels; quandao10/LCT ``prepocess_data.py``); that
 VAE cannot be downloaded here, so this trains a same-family stand-in: f = 4 (three encoder levels, two
 downsamplings), 32x32x1 -> 4x8x8 latents by default. Objective per batch (a simplification of the LDM/SD
 autoencoder loss, without LPIPS and GAN terms):
@@ -89,7 +89,7 @@ def train_vae(data: str | torch.Tensor = "digits", resolution: int = 32, output_
         raise ValueError("need max_steps >= 1, batch_size >= 1, learning_rate > 0 and kl_weight >= 0; got "
                          f"{max_steps}, {batch_size}, {learning_rate}, {kl_weight}.")
     if isinstance(data, str):
-        from .data import image_dataset
+        from ..data import image_dataset
 
         images = image_dataset(data, resolution)
     else:

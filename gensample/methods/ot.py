@@ -9,7 +9,7 @@ so the same pairs come from the linear assignment problem, solved here exactly w
 optimal assignment and is omitted. The batch order of x is kept and the noise is permuted.
 
 Cost: the B x B cost matrix is O(B^2 d); the assignment (shortest augmenting path, Jonker-Volgenant) is O(B^3) in
-the worst case and runs on the CPU (reference pitfall P11: per local batch, fine for B <= 512). Timings: see
+the worst case and runs on the CPU (per local batch, as in quandao10/LCT; fine for B <= 512). Timings: see
 :func:`ot_noise_permutation`.
 """
 from __future__ import annotations
