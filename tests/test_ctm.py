@@ -702,13 +702,13 @@ def test_ctm_training_loss_falls_and_exports_pipeline(tmp_path, digits_data):
 
 
 def test_cli_train_ctm(tmp_path):
-    from gensample.cli_ctm import add_train_subparsers
+    from gensample.cli.train_ctm import register
 
     teacher_dir = tmp_path / "teacher"
     edm_teacher().save_pretrained(teacher_dir)
     parser = argparse.ArgumentParser(prog="gensample")
     train_sub = parser.add_subparsers(dest="command").add_parser("train").add_subparsers(dest="method")
-    add_train_subparsers(train_sub)
+    register(train_sub)
     out = tmp_path / "run"
     args = parser.parse_args(["train", "ctm", "--teacher", str(teacher_dir), "--max-steps", "2", "--batch-size", "8",
                               "--num-sigmas", "4", "--output", str(out), "--num-sample-images", "2",

@@ -461,11 +461,11 @@ def test_as_denoiser_edm_objects_and_errors():
 # CLI
 # ------------------------------------------------------------------------------------------------------------------
 def test_cli_train_edm(tmp_path):
-    from gensample.cli_edm import add_train_subparsers
+    from gensample.cli.train_edm import register
 
     parser = argparse.ArgumentParser(prog="gensample")
     train_sub = parser.add_subparsers(dest="command").add_parser("train").add_subparsers(dest="method")
-    add_train_subparsers(train_sub)
+    register(train_sub)
     out = tmp_path / "run"
     args = parser.parse_args(["train", "edm", "--model", "tiny", "--max-steps", "3", "--batch-size", "16",
                               "--output", str(out), "--num-sample-images", "4", "--sample-steps", "2",

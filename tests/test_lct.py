@@ -569,10 +569,10 @@ def test_train_vae_saves_diffusers_format(tmp_path, images):
 
 
 def _parser() -> argparse.ArgumentParser:
-    from gensample.cli_lct import add_train_subparsers
+    from gensample.cli.train_lct import register
 
     parser = argparse.ArgumentParser()
-    add_train_subparsers(parser.add_subparsers(dest="method", required=True))
+    register(parser.add_subparsers(dest="method", required=True))
     return parser
 
 

@@ -303,13 +303,13 @@ def test_ctm_step_with_lpips(public_files, tmp_path):
 def test_cli_ctm_lpips(public_files, tmp_path):
     from test_ctm import edm_teacher
 
-    from gensample.cli_ctm import add_train_subparsers
+    from gensample.cli.train_ctm import register
 
     teacher_dir = tmp_path / "teacher"
     edm_teacher().save_pretrained(teacher_dir)
     parser = argparse.ArgumentParser(prog="gensample")
     train_sub = parser.add_subparsers(dest="command").add_parser("train").add_subparsers(dest="method")
-    add_train_subparsers(train_sub)
+    register(train_sub)
     common = ["train", "ctm", "--teacher", str(teacher_dir), "--max-steps", "1", "--batch-size", "4",
               "--num-sigmas", "3", "--num-sample-images", "1", "--sample-steps", "1", "--no-progress",
               "--checkpoint-every", "0", "--distance", "lpips"]

@@ -16,8 +16,8 @@ import torch
 from PIL import Image
 
 from gensample.assets import asset_path
+from gensample.cli import fid as fid_cli
 from gensample.data import load_digits
-from gensample.metrics import cli as metrics_cli
 from gensample.metrics.features import DigitsFeatureExtractor, load_digits_classifier, to_uint8
 from gensample.metrics.fid import (
     FeatureStats,
@@ -341,7 +341,7 @@ def test_gaussian_baseline_is_worse_than_floor(digits_evaluator, floor):
 
 def _cli(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="gensample")
-    metrics_cli.add_subparsers(parser.add_subparsers(dest="command", required=True))
+    fid_cli.register(parser.add_subparsers(dest="command", required=True))
     args = parser.parse_args(argv)
     return args.func(args)
 

@@ -333,6 +333,9 @@ def test_config_round_trip(tmp_path):
         (dict(timesteps=[-1, 22]), r"\[0, 38\]"),
         (dict(timesteps=[0, 0]), r"distinct"),
         (dict(timesteps=[]), r"distinct grid indices"),
+        (dict(timesteps=[0, 22.5]), r"distinct grid indices"),
+        (dict(num_inference_steps=True), r"`num_inference_steps` must be an integer >= 1, got True"),
+        (dict(sigmas=[80.0, float("nan")]), r"finite"),
     ],
 )
 def test_set_timesteps_errors(kwargs, match):
@@ -342,7 +345,7 @@ def test_set_timesteps_errors(kwargs, match):
 
 
 def test_constructor_errors():
-    with pytest.raises(ValueError, match="num_train_timesteps must be >= 2"):
+    with pytest.raises(ValueError, match="num_train_timesteps must be an integer >= 2"):
         ConsistencyScheduler(num_train_timesteps=1)
     with pytest.raises(ValueError, match="0 < sigma_min < sigma_max"):
         ConsistencyScheduler(sigma_min=1.0, sigma_max=0.5)
@@ -362,21 +365,41 @@ def test_set_timesteps_resets_step_index():
 # --------------------------------------------------------------------------------------------------------------------
 # (d) add_noise
 # --------------------------------------------------------------------------------------------------------------------
-def test_add_noise_scalar_and_per_sample():
+def test_add_noise_at_sigma_scalar_and_per_sample():
     sched = ConsistencyScheduler()
     x0 = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(0))
     z = torch.randn(3, 1, 4, 4, generator=torch.Generator().manual_seed(1))
-    torch.testing.assert_close(sched.add_noise(x0, z, 2.5), x0 + 2.5 * z)
-    torch.testing.assert_close(sched.add_noise(x0, z, torch.tensor(0.5)), x0 + 0.5 * z)
+    torch.testing.assert_close(sched.add_noise_at_sigma(x0, z, 2.5), x0 + 2.5 * z)
+    torch.testing.assert_close(sched.add_noise_at_sigma(x0, z, torch.tensor(0.5)), x0 + 0.5 * z)
     sig = torch.tensor([0.002, 1.0, 80.0])
-    got = sched.add_noise(x0, z, sig)
+    got = sched.add_noise_at_sigma(x0, z, sig)
     for b in range(3):
         torch.testing.assert_close(got[b], x0[b] + sig[b].item() * z[b])
-    # not tied to the sampling timesteps (unlike diffusers' add_noise, huggingface/diffusers#6117)
+    # any sigma, not tied to the sampling timesteps
     sched.set_timesteps(1)
-    torch.testing.assert_close(sched.add_noise(x0, z, 0.37), x0 + 0.37 * z)
+    torch.testing.assert_close(sched.add_noise_at_sigma(x0, z, 0.37), x0 + 0.37 * z)
     # dtype follows the samples
-    assert sched.add_noise(x0.double(), z.double(), sig).dtype == torch.float64
+    assert sched.add_noise_at_sigma(x0.double(), z.double(), sig).dtype == torch.float64
+
+
+def test_add_noise_reads_timesteps_like_diffusers():
+    """add_noise(x0, z, t) takes values of scheduler.timesteps (diffusers' meaning), not sigmas: the same numbers as
+    CMStochasticIterativeScheduler.add_noise; a value that is not a timestep is refused with a hint."""
+    ours, theirs = ConsistencyScheduler(num_train_timesteps=40), CMStochasticIterativeScheduler(num_train_timesteps=40)
+    ours.set_timesteps(4)
+    theirs.set_timesteps(4)
+    x0 = torch.randn(4, 1, 4, 4, generator=torch.Generator().manual_seed(0))
+    z = torch.randn(4, 1, 4, 4, generator=torch.Generator().manual_seed(1))
+    per_sample = ours.timesteps[[0, 1, 2, 3]]
+    torch.testing.assert_close(ours.add_noise(x0, z, per_sample),
+                               theirs.add_noise(x0, z, theirs.timesteps[[0, 1, 2, 3]]), rtol=0, atol=1e-5)
+    for i in range(4):
+        want = x0 + ours.sigmas[i].float() * z
+        torch.testing.assert_close(ours.add_noise(x0, z, ours.timesteps[i]), want, rtol=0, atol=0)
+    with pytest.raises(ValueError, match="not one of scheduler.timesteps.*add_noise_at_sigma"):
+        ours.add_noise(x0, z, 2.5)  # a sigma, the old meaning
+    with pytest.raises(ValueError, match="enumerate"):
+        ours.add_noise(x0, z, 1)  # an index
 
 
 def test_recorded_sampling_sigmas_drive_num_inference_steps(tmp_path):

@@ -16,29 +16,83 @@ guidance for the same seeds, saved as GIFs and a strip PNG, and scored (motion f
 """
 from __future__ import annotations
 
+import argparse
 import json
 import time
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-import torch
+from ._common import _positive_int
+from .train_ict import cmd_train_ict
+from .train_ict import parse_args as parse_train_ict_args
 
-from .assets import asset_path
-from .images import save_image_grid
+if TYPE_CHECKING:
+    from diffusers import DiffusionPipeline
+
+__all__ = ["register", "run_demo", "run_ict_demo", "run_lct_demo", "run_video_demo"]
 
 
-def _fid_report(pipe, steps: tuple[int, ...], num_images: int, reference: str = "digits") -> dict:
-    from .metrics.fid import fid as compute_fid
+def register(subparsers: argparse._SubParsersAction) -> None:
+    """Register ``demo`` on the top-level ``gensample`` parser."""
+    demo = subparsers.add_parser("demo", help="the main job on the embedded digits, in a few minutes on a CPU")
+    demo.add_argument("--output", default="runs/demo")
+    demo.add_argument("--train-steps", type=_positive_int, default=100)
+    demo.add_argument("--pipeline", default=None, help="pipeline to start from (default: the shipped ict-digits)")
+    demo.add_argument("--fid-num-images", type=_positive_int, default=1000)
+    demo.add_argument("--method", choices=["ict", "lct", "video"], default="ict",
+                      help="ict: shipped iCT + fine-tuning; lct: the latent (VAE) path; video: motion guidance")
+    demo.add_argument("--direction", type=float, default=0.0,
+                      help="video: direction of the reference's motion in degrees (0 = right, 90 = up)")
+    demo.add_argument("--video-num-seeds", type=_positive_int, default=16, help="video: videos per setting")
+    demo.add_argument("--video-steps", type=_positive_int, default=25, help="video: DDIM steps")
+    demo.add_argument("--video-weight", type=float, default=None, help="video: guidance weight sigma_t "
+                      "(default: the value tuned for the shipped model, benchmarks/RESULTS.md)")
+    demo.add_argument("--video-guidance-fraction", type=float, default=0.5, help="video: fraction of guided steps")
+    demo.set_defaults(func=run_demo)
+
+
+def run_demo(args: argparse.Namespace) -> dict:
+    """Run ``gensample demo`` for ``--method``; returns the summary also written to OUTPUT/demo_summary.json."""
+    method = getattr(args, "method", "ict")
+    if method == "lct":
+        return run_lct_demo(args)
+    if method == "video":
+        return run_video_demo(args)
+    return run_ict_demo(args)
+
+
+def _open_shipped(args: argparse.Namespace, asset: str, loading: str) -> tuple[Path, Path, float, Any]:
+    """Step 1 of every demo: create ``--output``, load ``--pipeline`` (default: the shipped ``asset``) and print the
+    ``[demo]`` line ``loading`` (a format with ``{source}``). Returns (output folder, source, start time, pipeline)."""
+    from ..assets import asset_path
+    from ..loading import load_pipeline
+
+    out = Path(args.output)
+    out.mkdir(parents=True, exist_ok=True)
+    source = Path(args.pipeline) if args.pipeline else asset_path("pipelines", asset)
+    t_start = time.time()
+    print(loading.format(source=source))
+    return out, source, t_start, load_pipeline(source)
+
+
+def _fid_report(pipe: DiffusionPipeline, steps: tuple[int, ...], num_images: int, reference: str = "digits") -> dict:
+    """{"N-step": FID-digits} of ``num_images`` samples (seed 0) for each step count."""
+    from ..metrics.fid import fid as compute_fid
 
     results = {}
     for n in steps:
         r = compute_fid(pipe, reference, feature="digits", num_images=num_images, num_inference_steps=n, seed=0,
-                           progress=True)
+                        progress=True)
         results[f"{n}-step"] = round(float(r.fid), 2)
     return results
 
 
-def _sample_grids(pipe, out: Path, prefix: str) -> dict:
+def _sample_grids(pipe: DiffusionPipeline, out: Path, prefix: str) -> dict:
     """64 digits with 1 and 2 steps (seed 0), saved as OUT/PREFIX-{n}step.png; {PREFIX_{n}step: grid, seconds}."""
+    import torch
+
+    from ..images import save_image_grid
+
     summary = {}
     for steps in (1, 2):
         t0 = time.time()
@@ -51,25 +105,10 @@ def _sample_grids(pipe, out: Path, prefix: str) -> dict:
     return summary
 
 
-def run_demo(args) -> dict:
-    method = getattr(args, "method", "ict")
-    if method == "lct":
-        return run_lct_demo(args)
-    if method == "video":
-        return run_video_demo(args)
-    return run_ict_demo(args)
-
-
-def run_ict_demo(args) -> dict:
-    from .cli import main as cli_main
-    from .loading import load_pipeline
-
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    source = Path(args.pipeline) if args.pipeline else asset_path("pipelines", "ict-digits")
-    t_start = time.time()
-    print(f"[demo] 1/4 loading {source} with ConsistencyPipeline.from_pretrained")
-    pipe = load_pipeline(source)
+def run_ict_demo(args: argparse.Namespace) -> dict:
+    """The shipped iCT model: sample, fine-tune with ``train ict``, FID-digits (see the module docstring)."""
+    out, source, t_start, pipe = _open_shipped(
+        args, "ict-digits", "[demo] 1/4 loading {source} with ConsistencyPipeline.from_pretrained")
     summary: dict = {"pipeline": str(source)}
 
     print("[demo] 2/4 sampling 64 digits with 1 and 2 steps")
@@ -77,14 +116,13 @@ def run_ict_demo(args) -> dict:
 
     print(f"[demo] 3/4 fine-tuning for {args.train_steps} steps with `gensample train ict`")
     run_dir = out / "finetune"
-    argv = ["train", "ict", "--data", "digits", "--init-from", str(source), "--max-steps", str(args.train_steps),
+    argv = ["--data", "digits", "--init-from", str(source), "--max-steps", str(args.train_steps),
             "--batch-size", "64", "--learning-rate", "2e-5", "--s0", "1280", "--s1", "1280", "--ema-rate", "0.99",
             "--checkpoint-every", str(max(1, args.train_steps // 2)), "--output", str(run_dir), "--log-every", "10"]
-    print("[demo]   gensample " + " ".join(argv))
+    # printed as the equivalent command; run in-process through the command's own function (same flags, same path)
+    print("[demo]   gensample train ict " + " ".join(argv))
     t0 = time.time()
-    code = cli_main(argv)
-    if code != 0:
-        raise RuntimeError(f"demo training failed with exit code {code}")
+    cmd_train_ict(parse_train_ict_args(argv))
     train_seconds = time.time() - t0
     summary["finetune"] = {"steps": args.train_steps, "seconds": round(train_seconds, 1),
                            "steps_per_second": round(args.train_steps / train_seconds, 2),
@@ -94,7 +132,7 @@ def run_ict_demo(args) -> dict:
     print("[demo] 4/4 FID-digits (embedded digits feature net; reference: train split)")
     fids = _fid_report(pipe, (1, 2), num_images=args.fid_num_images)
     summary["fid_digits_shipped"] = fids
-    from .metrics.fid import digits_baselines
+    from ..metrics.fid import digits_baselines
 
     points = digits_baselines(gaussian_sizes=(args.fid_num_images,))
     summary["fid_digits_reference_points"] = {k: round(v.fid, 2) for k, v in points.items()}
@@ -108,18 +146,15 @@ def run_ict_demo(args) -> dict:
     return summary
 
 
-def run_lct_demo(args) -> dict:
+def run_lct_demo(args: argparse.Namespace) -> dict:
     """The latent path on the shipped sLCT digits model (see the module docstring)."""
-    from .data.digits import load_digits
-    from .loading import load_pipeline
-    from .metrics.fid import fid as compute_fid
+    import torch
 
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    source = Path(args.pipeline) if args.pipeline else asset_path("pipelines", "slct-digits")
-    t_start = time.time()
-    print(f"[demo] 1/3 loading {source} (LatentConsistencyPipeline with its AutoencoderKL)")
-    pipe = load_pipeline(source)
+    from ..data.digits import load_digits
+    from ..metrics.fid import fid as compute_fid
+
+    out, source, t_start, pipe = _open_shipped(
+        args, "slct-digits", "[demo] 1/3 loading {source} (LatentConsistencyPipeline with its AutoencoderKL)")
     summary: dict = {"pipeline": str(source), "method": "lct"}
     print("[demo] 2/3 sampling 64 digits with 1 and 2 steps in latent space, decoded by the VAE")
     summary.update(_sample_grids(pipe, out, "slct"))
@@ -146,20 +181,15 @@ def run_lct_demo(args) -> dict:
     return summary
 
 
-def run_video_demo(args) -> dict:
+def run_video_demo(args: argparse.Namespace) -> dict:
     """Motion-consistency guidance on the shipped moving-digits video model (see the module docstring)."""
-    from .data.moving_digits import make_reference_video
-    from .loading import load_pipeline
-    from .video.evaluation import evaluate_guidance
-    from .video.guidance import MotionGuidanceConfig
-    from .video.io import save_gif, save_strip_png
+    from ..data.moving_digits import make_reference_video
+    from ..video.evaluation import evaluate_guidance
+    from ..video.guidance import MotionGuidanceConfig
+    from ..video.io import save_gif, save_strip_png
 
-    out = Path(args.output)
-    out.mkdir(parents=True, exist_ok=True)
-    source = Path(args.pipeline) if args.pipeline else asset_path("pipelines", "video-digits")
-    t_start = time.time()
-    print(f"[demo] 1/3 loading {source} (MotionGuidedVideoPipeline around a UNetMotionModel)")
-    pipe = load_pipeline(source)
+    out, source, t_start, pipe = _open_shipped(
+        args, "video-digits", "[demo] 1/3 loading {source} (MotionGuidedVideoPipeline around a UNetMotionModel)")
     reference = make_reference_video(args.direction, digit_index=3, split="heldout").videos[0]
     save_gif(reference, out / "reference.gif")
     seeds = range(args.video_num_seeds)

@@ -1,4 +1,5 @@
-"""``gensample fid`` and ``gensample fid-stats``: registered on the main parser by :func:`add_subparsers`.
+"""``gensample fid`` and ``gensample fid-stats``: FID / KID of a pipeline or an image folder, and reference
+statistics files (the work is in :mod:`gensample.metrics.fid`).
 
     gensample fid runs/ict/pipeline --data digits --num-images 2000 --num-inference-steps 1 2
     gensample fid --images samples/ --reference stats.npz          # or a folder of real images
@@ -10,10 +11,13 @@ import argparse
 import json
 from pathlib import Path
 
-from .features import FEATURE_NAMES
+from ..metrics.features import FEATURE_NAMES
+
+__all__ = ["register", "run_fid", "run_fid_stats"]
 
 
 def _add_common(p: argparse.ArgumentParser) -> None:
+    """The flags both commands share: the feature extractor, batching, seed, device."""
     p.add_argument("--feature", choices=FEATURE_NAMES, default="digits",
                    help="feature extractor: 'digits' (shipped 8x8-digits CNN, 64-d, 'FID-digits') or 'inception' "
                         "(FID Inception-v3 pool3, 2048-d; needs local weights, see --inception-weights)")
@@ -26,7 +30,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
 
 
-def add_subparsers(subparsers: argparse._SubParsersAction) -> None:
+def register(subparsers: argparse._SubParsersAction) -> None:
     """Register ``fid`` and ``fid-stats`` (each sets ``func`` to its handler, which returns an exit code)."""
     p = subparsers.add_parser(
         "fid", help="FID / KID of a saved pipeline or an image folder",
@@ -66,7 +70,8 @@ def _device(name: str | None) -> str:
 
 
 def run_fid(args: argparse.Namespace) -> int:
-    from .fid import FIDEvaluator
+    """Run ``gensample fid``: print each result and the shared protocol; returns 0."""
+    from ..metrics.fid import FIDEvaluator
 
     if (args.pipeline is None) == (args.images is None):
         raise SystemExit("gensample fid: give either a PIPELINE folder or --images FOLDER (not both).")
@@ -96,7 +101,8 @@ def run_fid(args: argparse.Namespace) -> int:
 
 
 def run_fid_stats(args: argparse.Namespace) -> int:
-    from .fid import FeatureStats, FIDEvaluator
+    """Run ``gensample fid-stats``: write the statistics file and print its sha256; returns 0."""
+    from ..metrics.fid import FeatureStats, FIDEvaluator
 
     evaluator = FIDEvaluator(args.data, args.feature, batch_size=args.batch_size, seed=args.seed,
                              inception_weights=args.inception_weights, progress=not args.no_progress,

@@ -1,24 +1,20 @@
 """``gensample train ctm``: distil a saved EDM pipeline (``gensample train edm``) into a Consistency Trajectory Model
 (Kim et al., ICLR 2024) and save a CTMPipeline (gamma-sampling, or EDM Heun through g(x, t, t)).
-
-Wired into ``gensample.cli.build_parser`` by ``add_train_subparsers(train_sub)``.
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from .cli import _add_train_common, _positive_int, _train_config
+from ._common import _positive_int, add_train_common, run_training, set_cpu_threads, train_config
 
 if TYPE_CHECKING:
     from diffusers import UNet2DModel
 
-    from .models.ctm_unet import CTMUNet2DModel
+    from ..models.ctm_unet import CTMUNet2DModel
 
-__all__ = ["add_train_subparsers", "cmd_train_ctm"]
+__all__ = ["cmd_train_ctm", "register"]
 
 
 def _gamma(value: str) -> float:
@@ -29,9 +25,9 @@ def _gamma(value: str) -> float:
     return v
 
 
-def add_train_subparsers(train_subparsers: argparse._SubParsersAction) -> None:
+def register(train_subparsers: argparse._SubParsersAction) -> None:
     """Register ``ctm`` under ``gensample train``."""
-    from .methods.ctm import CTM_DISTANCES, TARGET_INNER
+    from ..methods.ctm import CTM_DISTANCES, TARGET_INNER
 
     ctm = train_subparsers.add_parser(
         "ctm", help="Consistency Trajectory Model (Kim et al. 2024): distil an EDM teacher, gamma-sampling",
@@ -39,7 +35,7 @@ def add_train_subparsers(train_subparsers: argparse._SubParsersAction) -> None:
                     "(teacher Heun solver + EMA target network), DSM term with adaptive weight, optional GAN term "
                     "on alternate steps. The run folder's pipeline/ is a CTMPipeline. The student copies the "
                     "teacher's architecture, so --model does not apply (--dropout overrides its dropout).")
-    _add_train_common(ctm)
+    add_train_common(ctm)
     ctm.add_argument("--teacher", required=True,
                      help="folder of the EDM pipeline to distil (e.g. runs/edm/pipeline from `gensample train edm`)")
     ctm.add_argument("--num-sigmas", type=int, default=18, help="N of the Karras time grid (CTM CIFAR-10: 18)")
@@ -81,9 +77,9 @@ def add_train_subparsers(train_subparsers: argparse._SubParsersAction) -> None:
     ctm.set_defaults(func=cmd_train_ctm)
 
 
-def _student(args: argparse.Namespace, teacher_unet: "UNet2DModel") -> "CTMUNet2DModel":
+def _student(args: argparse.Namespace, teacher_unet: UNet2DModel) -> CTMUNet2DModel:
     """The CTM backbone: from --init-from (a CTMPipeline folder or its unet/), else from the teacher's weights."""
-    from .models.ctm_unet import CTMUNet2DModel, init_from_teacher
+    from ..models.ctm_unet import CTMUNet2DModel, init_from_teacher
 
     if args.init_from:
         path = Path(args.init_from)
@@ -106,19 +102,17 @@ def cmd_train_ctm(args: argparse.Namespace) -> dict:
     """Run ``gensample train ctm``; returns the Trainer's summary (also printed as JSON)."""
     import torch
 
-    from .data import image_dataset
-    from .loading import load_pipeline
-    from .methods.ctm import CTMTraining
-    from .pipelines.pipeline_edm import EDMPipeline
-    from .training.trainer import Trainer
+    from ..data import image_dataset
+    from ..loading import load_pipeline
+    from ..methods.ctm import CTMTraining
+    from ..pipelines.pipeline_edm import EDMPipeline
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_cpu_threads(args)
     if args.model != "digits":
         raise ValueError(f"--model {args.model} does not apply to `train ctm`: the student copies the teacher's "
                          "architecture (use --dropout to change its dropout).")
     if args.distance == "lpips" and not args.lpips_weights:
-        from .metrics.lpips import lpips_weights_help
+        from ..metrics.lpips import lpips_weights_help
 
         raise ValueError(f"--distance lpips needs --lpips-weights. {lpips_weights_help()}")
     if args.lpips_weights and args.distance != "lpips":
@@ -157,16 +151,6 @@ def cmd_train_ctm(args: argparse.Namespace) -> dict:
              "init_from": args.init_from}
     if args.lpips_weights:
         extra["lpips_weights"] = [str(p) for p in args.lpips_weights]
-    config = dataclasses.replace(_train_config(args, extra), sample_steps=tuple(args.sample_steps))
-    evaluate = None
-    if args.fid_every:
-        from .metrics.fid import FIDEvaluator
-
-        evaluate = FIDEvaluator(reference="digits" if args.data == "digits" else args.data, feature="digits",
-                                num_images=args.fid_num_images, steps=tuple(args.sample_steps), progress=False)
-    trainer = Trainer(method, data, config, evaluate=evaluate, evaluate_every=args.fid_every)
-    resume = False if args.resume is None else (True if args.resume == "latest" else args.resume)
-    summary = trainer.train(resume=resume)
-    if trainer.accelerator.is_main_process:
-        print(json.dumps(summary, indent=1))
-    return summary
+    sample_steps = tuple(args.sample_steps)
+    config = train_config(args, extra, sample_steps=sample_steps)
+    return run_training(args, method, data, config, fid_steps=sample_steps)

@@ -1,7 +1,5 @@
 """``gensample train lct`` (sLCT latent consistency training on any diffusers VAE) and ``gensample train vae`` (a
-small AutoencoderKL for it).
-
-Wired into ``gensample.cli.build_parser`` by ``add_train_subparsers(train_sub)``.
+small AutoencoderKL for it); one module because ``train lct`` needs the VAE that ``train vae`` makes.
 
 ``train lct`` runs: images (``--data``) -> latent cache (encoded once with ``--vae``, resumable, in
 ``--latent-cache`` or ``OUTPUT/latent_cache``) -> per-element normalised latents -> :class:`LatentConsistencyTraining`
@@ -13,13 +11,17 @@ from __future__ import annotations
 import argparse
 import json
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-from .cli import _add_train_common, _positive_int, _train_config
+from ._common import _positive_int, add_train_common, run_training, set_cpu_threads, train_config
 
-__all__ = ["add_train_subparsers", "cmd_train_lct", "cmd_train_vae"]
+if TYPE_CHECKING:
+    from diffusers import AutoencoderKL, UNet2DModel
+
+__all__ = ["cmd_train_lct", "cmd_train_vae", "register"]
 
 
-def add_train_subparsers(train_subparsers: argparse._SubParsersAction) -> None:
+def register(train_subparsers: argparse._SubParsersAction) -> None:
     """Register ``lct`` and ``vae`` under ``gensample train``."""
     lct = train_subparsers.add_parser(
         "lct", help="sLCT: latent consistency training with the Cauchy loss (Dao et al., ICLR 2025)",
@@ -27,7 +29,7 @@ def add_train_subparsers(train_subparsers: argparse._SubParsersAction) -> None:
                     "train a consistency model on them with sLCT's Cauchy loss, adaptive c, low-noise diffusion loss, "
                     "OT pairing, non-scaling LayerNorm and s1=640 (each can be switched off; all off = iCT in "
                     "latent space). The run folder's pipeline/ is a LatentConsistencyPipeline.")
-    _add_train_common(lct)
+    add_train_common(lct)
     lct.add_argument("--vae", required=True, help="AutoencoderKL folder (save_pretrained format, or a pipeline folder "
                                                   "with a vae/ subfolder), e.g. from 'gensample train vae'")
     lct.add_argument("--latent-cache", default=None, help="latent cache folder (default: OUTPUT/latent_cache)")
@@ -83,7 +85,8 @@ def add_train_subparsers(train_subparsers: argparse._SubParsersAction) -> None:
     vae.set_defaults(func=cmd_train_vae)
 
 
-def _load_vae(path: str):
+def _load_vae(path: str) -> AutoencoderKL:
+    """The frozen AutoencoderKL of ``--vae``: a save_pretrained folder, or a pipeline folder with vae/."""
     from diffusers import AutoencoderKL
 
     folder = Path(path)
@@ -95,10 +98,11 @@ def _load_vae(path: str):
     return AutoencoderKL.from_pretrained(folder).eval().requires_grad_(False)
 
 
-def _load_unet(args, latent_shape: tuple[int, int, int]):
+def _load_unet(args: argparse.Namespace, latent_shape: tuple[int, int, int]) -> UNet2DModel:
+    """The latent-space UNet: from ``--init-from`` (plain or NsLN), else a fresh ``--model`` preset."""
     from diffusers import UNet2DModel
 
-    from .models.nsln import NsLNUNet2DModel, build_nsln_unet
+    from ..models.nsln import NsLNUNet2DModel, build_nsln_unet
 
     channels, height, width = latent_shape
     if height != width:
@@ -118,19 +122,16 @@ def _load_unet(args, latent_shape: tuple[int, int, int]):
                            norm_type="group" if args.no_nsln else "nsln", **overrides)
 
 
-def cmd_train_lct(args) -> dict:
-    import dataclasses
-
+def cmd_train_lct(args: argparse.Namespace) -> dict:
+    """Run ``gensample train lct``; returns the Trainer's summary (also printed as JSON)."""
     import torch
     from accelerate import PartialState
 
-    from .data import image_dataset
-    from .data.latents import build_latent_cache, load_latent_cache, load_latent_normalizer
-    from .methods.lct import LatentConsistencyTraining
-    from .training.trainer import Trainer
+    from ..data import image_dataset
+    from ..data.latents import build_latent_cache, load_latent_cache, load_latent_normalizer
+    from ..methods.lct import LatentConsistencyTraining
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_cpu_threads(args)
     if args.cauchy_c is not None and args.cauchy_c <= 0:
         raise ValueError(f"--cauchy-c must be > 0, got {args.cauchy_c}.")
     vae = _load_vae(args.vae)
@@ -166,32 +167,23 @@ def cmd_train_lct(args) -> dict:
     params = sum(p.numel() for p in unet.parameters())
     extra = {"unet_parameters": params, "data": args.data, "vae": str(args.vae), "latent_cache": str(cache_dir),
              "latent_shape": list(latents.shape[1:]), "norm": "group" if args.no_nsln else "nsln"}
-    config = dataclasses.replace(_train_config(args, extra), sample_steps=tuple(args.sample_steps))
-    evaluate = None
-    if args.fid_every:
-        from .metrics.fid import FIDEvaluator
-
-        reference = f"digits@{resolution}" if args.data == "digits" else args.data  # same resize on both sides
-        evaluate = FIDEvaluator(reference=reference, feature="digits",
-                                num_images=args.fid_num_images, steps=tuple(args.sample_steps), progress=False)
-    trainer = Trainer(method, latents, config, evaluate=evaluate, evaluate_every=args.fid_every)
-    resume = False if args.resume is None else (True if args.resume == "latest" else args.resume)
-    summary = trainer.train(resume=resume)
-    if trainer.accelerator.is_main_process:
-        print(json.dumps(summary, indent=1))
-    return summary
+    sample_steps = tuple(args.sample_steps)
+    config = train_config(args, extra, sample_steps=sample_steps)
+    # the decoded samples are resized to the VAE's resolution: compare with the digits rendered at that size
+    reference = f"digits@{resolution}" if args.data == "digits" else args.data
+    return run_training(args, method, latents, config, fid_steps=sample_steps, fid_reference=reference)
 
 
-def cmd_train_vae(args) -> dict:
+def cmd_train_vae(args: argparse.Namespace) -> dict:
+    """Run ``gensample train vae``; returns (and prints as JSON) where the VAE went and its latent shape."""
     import time
 
     import torch
 
-    from .data import image_dataset
-    from .vae import train_vae
+    from ..data import image_dataset
+    from ..training.vae import train_vae
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_cpu_threads(args)
     if args.data == "digits" and args.channels not in (None, 1):
         raise ValueError("the embedded digits are grayscale: use --channels 1 (or omit it).")
     channels = 1 if args.data == "digits" else (args.channels or 3)

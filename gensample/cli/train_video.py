@@ -1,21 +1,20 @@
 """``gensample train video-diffusion``: train the tiny AnimateDiff-style video UNet on moving digits (DDPM epsilon
 loss) and save a ``MotionGuidedVideoPipeline`` for training-free motion guidance.
 
-Wired into ``gensample.cli.build_parser`` by ``add_train_subparsers(train_sub)``.
+Its flags are its own (videos, not images: no --data/--model/--fid-every), but the run flags mean what they mean for
+the image methods and it ends with the same training tail (``_common.run_training``).
 """
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 from pathlib import Path
 
-from .cli import _positive_int, _train_config
+from ._common import _positive_int, run_training, set_cpu_threads, train_config
 
-__all__ = ["add_train_subparsers", "cmd_train_video_diffusion"]
+__all__ = ["cmd_train_video_diffusion", "register"]
 
 
-def add_train_subparsers(train_subparsers: argparse._SubParsersAction) -> None:
+def register(train_subparsers: argparse._SubParsersAction) -> None:
     """Register ``video-diffusion`` under ``gensample train``."""
     p = train_subparsers.add_parser(
         "video-diffusion", help="tiny AnimateDiff-style video diffusion model on moving digits (DDPM)",
@@ -66,14 +65,14 @@ def add_train_subparsers(train_subparsers: argparse._SubParsersAction) -> None:
     p.set_defaults(func=cmd_train_video_diffusion)
 
 
-def _video_trainer_class():
+def _video_trainer_class() -> type:
     """The Trainer with sample strips drawn by a plain DDIM loop (the pipeline's guided ``__call__`` is not needed to
-    look at the unguided model)."""
+    look at the unguided model). Built in a function so that the parser does not import torch and the Trainer."""
     import torch
 
-    from .methods.video_diffusion import _ddim_sample
-    from .training.trainer import Trainer
-    from .video.io import save_strip_png
+    from ..methods.video_diffusion import _ddim_sample
+    from ..training.trainer import Trainer
+    from ..video.io import save_strip_png
 
     class VideoTrainer(Trainer):
         def save_samples(self, path: Path) -> Path:
@@ -86,15 +85,15 @@ def _video_trainer_class():
     return VideoTrainer
 
 
-def cmd_train_video_diffusion(args) -> dict:
+def cmd_train_video_diffusion(args: argparse.Namespace) -> dict:
+    """Run ``gensample train video-diffusion``; returns the Trainer's summary (also printed as JSON)."""
     import torch
 
-    from .data.moving_digits import make_moving_digits
-    from .methods.video_diffusion import VideoDiffusionTraining
-    from .video.tiny_model import tiny_video_unet
+    from ..data.moving_digits import make_moving_digits
+    from ..methods.video_diffusion import VideoDiffusionTraining
+    from ..video.tiny_model import tiny_video_unet
 
-    if args.threads:
-        torch.set_num_threads(args.threads)
+    set_cpu_threads(args)
     lo, hi = args.speed
     data = make_moving_digits(args.num_videos, split="train", num_frames=args.num_frames, speed=(lo, hi),
                               directions=args.directions, seed=args.seed).videos
@@ -109,10 +108,6 @@ def cmd_train_video_diffusion(args) -> dict:
     extra = {"unet_parameters": sum(p.numel() for p in unet.parameters()), "data": "moving-digits",
              "num_videos": args.num_videos, "num_frames": args.num_frames, "speed": [lo, hi],
              "directions": args.directions, "sample_steps": args.sample_steps}
-    config = dataclasses.replace(_train_config(args, extra), sample_steps=(args.sample_steps,))
-    trainer = _video_trainer_class()(method, data, config)
-    resume = False if args.resume is None else (True if args.resume == "latest" else args.resume)
-    summary = trainer.train(resume=resume)
-    if trainer.accelerator.is_main_process:
-        print(json.dumps(summary, indent=1))
-    return summary
+    config = train_config(args, extra, sample_steps=(args.sample_steps,))
+    # no fid_steps: a video model has no FID-digits hook
+    return run_training(args, method, data, config, trainer_class=_video_trainer_class())

@@ -27,7 +27,7 @@ from .parametrization import combine, consistency_scalings, per_sample
 from .sigmas import SIGMA_DATA, SIGMA_MIN
 
 __all__ = [
-    "renoise_std", "consistency_step", "sample_consistency", "ode_derivative", "euler_step", "heun_correct",
+    "renoise_std", "consistency_step", "ode_derivative", "euler_step", "heun_correct",
     "heun_step", "heun_solve", "sample_heun", "check_gamma", "ctm_jump_target",
 ]
 
@@ -63,40 +63,6 @@ def consistency_step(
     if noise is None or float(std) == 0.0:
         return denoised, denoised
     return denoised + std.to(sample.dtype) * noise, denoised
-
-
-def sample_consistency(
-    consistency_fn: Callable[[torch.Tensor, torch.Tensor], torch.Tensor],
-    noise: torch.Tensor,
-    sigmas: Sequence[float] | torch.Tensor,
-    generator: torch.Generator | None = None,
-    sigma_min: float = SIGMA_MIN,
-    clip_denoised: bool = True,
-    callback: Callable[[dict], None] | None = None,
-) -> torch.Tensor:
-    """Multistep consistency sampling (CM paper, Algorithm 1) over a descending list of sampling sigmas.
-
-    x = sigmas[0] * noise; for each sigma_i: x0 = f(x, sigma_i) (clamped); x = x0 + sqrt(sigma_{i+1}^2 - sigma_min^2) z.
-    One sigma gives 1-step sampling f(sigma_max z, sigma_max). Fresh noise z is drawn from ``generator`` only between
-    steps (openai's ``stochastic_iterative_sampler`` also draws one unused z after the last step).
-    """
-    sigmas = torch.as_tensor(sigmas, dtype=torch.float64).flatten()
-    if len(sigmas) < 1:
-        raise ValueError("sigmas must hold at least one noise level.")
-    if (sigmas[1:] >= sigmas[:-1]).any():
-        raise ValueError(f"sigmas must be strictly descending, got {sigmas.tolist()}.")
-    x = noise * sigmas[0].to(noise.dtype)
-    denoised = x
-    for i, sigma in enumerate(sigmas):
-        denoised = consistency_fn(x, sigma.expand(x.shape[0]))
-        if clip_denoised:
-            denoised = denoised.clamp(-1, 1)
-        if callback is not None:
-            callback({"i": i, "sigma": sigma, "x": x, "denoised": denoised})
-        if i + 1 < len(sigmas):
-            z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device)
-            x = denoised + renoise_std(sigmas[i + 1], sigma_min).to(x.dtype) * z
-    return denoised
 
 
 # -- EDM Heun ----------------------------------------------------------------------------------------------------------

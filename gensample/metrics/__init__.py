@@ -1,5 +1,5 @@
 """FID / KID evaluation on torchmetrics: feature extractors (digits CNN, FID Inception-v3), statistics files,
-``fid(...)``, a training-hook evaluator, and the ``gensample fid`` / ``fid-stats`` subcommands (``metrics.cli``);
+``fid(...)``, a training-hook evaluator (the ``gensample fid`` / ``fid-stats`` commands are in ``gensample.cli.fid``);
 the LPIPS distance from user-supplied weights (``metrics.lpips``)."""
 from .features import DigitsClassifier, DigitsFeatureExtractor, get_feature_extractor, load_digits_classifier
 from .fid import (

@@ -26,11 +26,22 @@ Usage (what :class:`gensample.pipelines.pipeline_ctm.CTMPipeline` does)::
         F = unet(scheduler.scale_model_input(x, t), t, s_timestep=scheduler.s_timesteps[i]).sample
         x, G = scheduler.step(F, t, x, generator=generator, return_dict=False)
 
+The timestep protocol is diffusers' (:mod:`gensample.schedulers.sigma_schedule`): ``timesteps`` are the model
+inputs c_noise(sigma_i) = 250 ln(sigma_i), ``add_noise`` takes values of ``timesteps``, and ``scale_model_input`` /
+``step`` locate their index from the timestep they are given, so a loop may start mid-schedule (the model's second
+input is then ``s_timesteps[scheduler.step_index]``, or :meth:`CTMScheduler.s_timestep` after
+``scale_model_input``).
+
 Differences from diffusers' ``CMStochasticIterativeScheduler`` (besides gamma): ``step`` returns
 ``(prev_sample, denoised)`` with ``denoised`` = G(x, t, s); ``set_timesteps(num_inference_steps=n)`` uses CTM's rule
 (the n + 1 point Karras grid from sigma_max to sigma_min, sony/ctm ``karras_sample``) instead of sub-sampling a
-training grid (pass ``timesteps`` for indices into the N-point grid); the step index is a counter reset by
-``set_timesteps``.
+training grid (pass ``timesteps`` for indices into the N-point grid).
+
+``_compatibles`` is empty: no consistency-family scheduler can drive a CTM model or be driven by this one. diffusers'
+``CMStochasticIterativeScheduler`` and :class:`ConsistencyScheduler` combine the network output with CM's boundary
+scalings c_skip/c_out(sigma - sigma_min) and never pass the jump target s, while CTM's G(x, t, s) needs the
+network evaluated at (t, s) and combined with EDM scalings and the s/t interpolation; conversely this scheduler
+applied to a CM model would read its output as g(x, t, s). Even gamma = 1 (CM multistep sampling) needs a CTM model.
 """
 from __future__ import annotations
 
@@ -45,8 +56,16 @@ from diffusers.utils.torch_utils import randn_tensor
 
 from ..core.parametrization import noise_conditioning
 from ..core.sampling import check_gamma
-from ..core.sigmas import karras_sigma_at_descending_index, karras_sigmas
-from ..kernels import CTMStepCoefficients, ctm_gamma_step, scale_model_input
+from ..core.sigmas import karras_sigmas
+from ..kernels import CTMStepCoefficients, ctm_gamma_step
+from .sigma_schedule import (
+    SigmaScheduleMixin,
+    check_descending_sigmas,
+    check_noise_constants,
+    check_num_inference_steps,
+    check_one_schedule_source,
+    karras_grid_sigmas,
+)
 
 __all__ = ["CTMScheduler", "CTMSchedulerOutput", "check_gamma"]
 
@@ -55,13 +74,17 @@ __all__ = ["CTMScheduler", "CTMSchedulerOutput", "check_gamma"]
 class CTMSchedulerOutput(BaseOutput):
     """prev_sample: x at the next sampling level sigma_{i+1} (the final sample after the last step).
     denoised: G(x, sigma_i, s_i), the jump target before re-noising (at level s_i; = the clean estimate at
-    sigma_min when gamma = 1 or on the last step)."""
+    sigma_min when gamma = 1 or on the last step).
+    pred_original_sample: the clean estimate G(x, sigma_i, sigma_min) when this step jumps to s_i = sigma_min (then
+    the same tensor as ``denoised``), None otherwise: at s_i > sigma_min the step has no clean estimate (it would
+    take another network evaluation at s = sigma_min)."""
 
     prev_sample: torch.Tensor
     denoised: torch.Tensor
+    pred_original_sample: torch.Tensor | None = None
 
 
-class CTMScheduler(SchedulerMixin, ConfigMixin):
+class CTMScheduler(SigmaScheduleMixin, SchedulerMixin, ConfigMixin):
     """CTM gamma-sampling on a Karras sigma grid.
 
     Args:
@@ -75,6 +98,7 @@ class CTMScheduler(SchedulerMixin, ConfigMixin):
             clamps only the final output, which the pipeline does).
     """
 
+    _compatibles: list[str] = []  # see the module docstring
     order = 1
 
     @register_to_config
@@ -88,31 +112,10 @@ class CTMScheduler(SchedulerMixin, ConfigMixin):
         gamma: float = 0.0,
         clip_denoised: bool = False,
     ):
-        if not isinstance(num_train_timesteps, int) or num_train_timesteps < 2:
-            raise ValueError(f"num_train_timesteps must be an integer >= 2, got {num_train_timesteps!r}.")
-        if not 0 < sigma_min < sigma_max:
-            raise ValueError(f"need 0 < sigma_min < sigma_max, got sigma_min={sigma_min}, sigma_max={sigma_max}.")
-        if sigma_data <= 0 or rho <= 0:
-            raise ValueError(f"sigma_data and rho must be > 0, got sigma_data={sigma_data}, rho={rho}.")
+        check_noise_constants(sigma_min, sigma_max, sigma_data, rho, num_train_timesteps)
         check_gamma(gamma)
         self.num_inference_steps: int | None = None
-        self._step_index: int | None = None
-        self._begin_index: int | None = None
         self.set_timesteps(1)
-
-    # -- state ----------------------------------------------------------------------------------------------------
-    @property
-    def step_index(self) -> int | None:
-        """Steps taken since ``set_timesteps`` (None before the first ``scale_model_input`` / ``step``)."""
-        return self._step_index
-
-    @property
-    def begin_index(self) -> int | None:
-        return self._begin_index
-
-    def set_begin_index(self, begin_index: int = 0) -> None:
-        """Start sampling at step ``begin_index`` of the schedule (e.g. for image-to-image)."""
-        self._begin_index = begin_index
 
     @property
     def init_noise_sigma(self) -> float:
@@ -144,40 +147,25 @@ class CTMScheduler(SchedulerMixin, ConfigMixin):
         sigma_min, float64) and ``jump_sigmas`` (the n jump targets s_i, float64).
         """
         cfg = self.config
-        given = [a is not None for a in (num_inference_steps, timesteps, sigmas)]
-        if sum(given) != 1:
-            raise ValueError("Pass exactly one of `num_inference_steps`, `timesteps` or `sigmas` to set_timesteps.")
+        source = check_one_schedule_source(num_inference_steps=num_inference_steps, timesteps=timesteps,
+                                           sigmas=sigmas)
         gamma = check_gamma(cfg.gamma if gamma is None else gamma)
-        if num_inference_steps is not None:
-            if not isinstance(num_inference_steps, int) or isinstance(num_inference_steps, bool) \
-                    or num_inference_steps < 1:
-                raise ValueError(f"`num_inference_steps` must be an integer >= 1, got {num_inference_steps!r}.")
-            grid = karras_sigmas(num_inference_steps + 1, cfg.sigma_min, cfg.sigma_max, cfg.rho).flip(0)
+        if source == "num_inference_steps":
+            n = check_num_inference_steps(num_inference_steps)
+            grid = karras_sigmas(n + 1, cfg.sigma_min, cfg.sigma_max, cfg.rho).flip(0)
             sampling = grid[:-1].clone()
-        elif timesteps is not None:
-            idx = sorted(int(t) for t in timesteps)
-            if not idx or len(set(idx)) != len(idx) or idx[0] < 0 or idx[-1] >= cfg.num_train_timesteps - 1:
-                raise ValueError(
-                    f"`timesteps` must be distinct grid indices in [0, {cfg.num_train_timesteps - 2}] (index "
-                    f"{cfg.num_train_timesteps - 1} is sigma_min, the implicit end point: leave it out), got "
-                    f"{list(timesteps)}."
-                )
-            sampling = torch.tensor([karras_sigma_at_descending_index(i, cfg.num_train_timesteps, cfg.sigma_min, cfg.sigma_max,
-                                                           cfg.rho) for i in idx], dtype=torch.float64)
+        elif source == "timesteps":
+            sampling = karras_grid_sigmas(timesteps, cfg.num_train_timesteps, cfg.sigma_min, cfg.sigma_max, cfg.rho)
         else:
-            sampling = torch.as_tensor(sigmas, dtype=torch.float64).flatten()
-            if len(sampling) == 0 or (sampling[1:] >= sampling[:-1]).any() or not torch.isfinite(sampling).all():
-                raise ValueError(f"`sigmas` must be non-empty, finite and strictly descending, got {list(sigmas)}; "
-                                 "e.g. sigmas=[80.0, 2.0] for two steps.")
-            if sampling.min() <= cfg.sigma_min or sampling.max() > cfg.sigma_max:
-                raise ValueError(
-                    f"`sigmas` must lie in (sigma_min, sigma_max] = ({cfg.sigma_min}, {cfg.sigma_max}], got "
-                    f"{sampling.tolist()} (sigma_min is the implicit end point: leave it out)."
-                )
+            sampling = check_descending_sigmas(sigmas, cfg.sigma_min, cfg.sigma_max,
+                                               hint=" (sigma_min is the implicit end point: leave it out; e.g. "
+                                                    "sigmas=[80.0, 2.0] for two steps)")
         self.gamma = gamma
         self.num_inference_steps = len(sampling)
         #: n + 1 levels: the n sampling levels and the end point sigma_min (float64, CPU)
         self.sigmas = torch.cat([sampling, sampling.new_tensor([cfg.sigma_min])])
+        #: the level of each entry of ``timesteps`` (the first n entries of ``sigmas``)
+        self.timestep_sigmas = self.sigmas[:-1]
         #: per-step scalars of the jump and re-noise, from the kernels' float64 host computation
         self.step_coefficients: list[CTMStepCoefficients] = [
             CTMStepCoefficients.from_sigmas(self.sigmas[i], self.sigmas[i + 1], gamma, cfg.sigma_data, cfg.sigma_min)
@@ -187,38 +175,25 @@ class CTMScheduler(SchedulerMixin, ConfigMixin):
         self.jump_sigmas = torch.tensor([c.s for c in self.step_coefficients], dtype=torch.float64)
         self.timesteps = noise_conditioning(sampling).to(device=device, dtype=torch.float32)
         self.s_timesteps = noise_conditioning(self.jump_sigmas).to(device=device, dtype=torch.float32)
-        self._step_index = None
-        self._begin_index = None
-
-    def _index(self) -> int:
-        if self._step_index is None:
-            self._step_index = self._begin_index or 0
-        if self._step_index >= self.num_inference_steps:
-            raise ValueError(f"all {self.num_inference_steps} steps of the schedule are done; call set_timesteps() "
-                             "to start a new sampling run.")
-        return self._step_index
+        self._reset_step_index()
 
     def jump_target(self, step_index: int | None = None) -> torch.Tensor:
         """s_i of step ``step_index`` (default: the current step) in sigma space, a float64 0-d tensor. The model is
         evaluated as F(c_in(sigma_i) x, c_noise(sigma_i), c_noise(s_i)); ``s_timesteps[i]`` holds c_noise(s_i)."""
-        i = self._index() if step_index is None else int(step_index)
-        if not 0 <= i < self.num_inference_steps:
-            raise ValueError(f"step_index must be in [0, {self.num_inference_steps - 1}], got {step_index!r}.")
-        return self.jump_sigmas[i]
+        return self.jump_sigmas[self._check_step(step_index)]
 
     def s_timestep(self, step_index: int | None = None) -> torch.Tensor:
         """c_noise(s_i) = 250 ln(s_i) of step ``step_index`` (default: the current step): the value to pass as the
         model's ``s_timestep``."""
-        i = self._index() if step_index is None else int(step_index)
+        return self.s_timesteps[self._check_step(step_index)]
+
+    def _check_step(self, step_index: int | None) -> int:
+        i = self._current_step_index() if step_index is None else int(step_index)
         if not 0 <= i < self.num_inference_steps:
             raise ValueError(f"step_index must be in [0, {self.num_inference_steps - 1}], got {step_index!r}.")
-        return self.s_timesteps[i]
+        return i
 
     # -- the model interface --------------------------------------------------------------------------------------
-    def scale_model_input(self, sample: torch.Tensor, timestep: float | torch.Tensor | None = None) -> torch.Tensor:
-        """c_in(sigma_i) x = x / sqrt(sigma_i^2 + sigma_data^2) for the current step."""
-        return scale_model_input(sample, self.sigmas[self._index()], self.config.sigma_data)
-
     def step(
         self,
         model_output: torch.Tensor,
@@ -231,13 +206,14 @@ class CTMScheduler(SchedulerMixin, ConfigMixin):
         c_noise(s_i)), then re-noise to sigma_{i+1} with std sqrt(sigma_{i+1}^2 - s_i^2).
 
         Fresh noise is drawn from ``generator`` only when that std is > 0 (never for gamma = 0, never on the final
-        step). ``timestep`` is accepted for API compatibility; the position is a counter. Returns
-        ``(prev_sample, denoised)`` with denoised = G(x, sigma_i, s_i).
+        step). ``timestep``: a value of ``timesteps`` (it locates the step when none is in progress; None: the
+        current step). Returns ``(prev_sample, denoised)`` with denoised = G(x, sigma_i, s_i); the output object
+        also carries ``pred_original_sample`` on steps that jump to sigma_min.
         """
-        i = self._index()
         if model_output.shape != sample.shape:
             raise ValueError(f"model_output shape {tuple(model_output.shape)} != sample shape {tuple(sample.shape)}; "
                              "pass the network output for this very sample.")
+        i = self._current_step_index(timestep)
         coefficients = self.step_coefficients[i]
         noise = None
         if coefficients.std > 0.0:
@@ -249,16 +225,5 @@ class CTMScheduler(SchedulerMixin, ConfigMixin):
         self._step_index = i + 1
         if not return_dict:
             return prev_sample, denoised
-        return CTMSchedulerOutput(prev_sample=prev_sample, denoised=denoised)
-
-    def add_noise(self, original_samples: torch.Tensor, noise: torch.Tensor,
-                  sigmas: torch.Tensor | float) -> torch.Tensor:
-        """x_sigma = x_0 + sigma z for any sigma (scalar or one per sample)."""
-        sigmas = torch.as_tensor(sigmas, device=original_samples.device, dtype=original_samples.dtype)
-        if sigmas.ndim == 1:
-            sigmas = sigmas.reshape(-1, *([1] * (original_samples.ndim - 1)))
-        return original_samples + sigmas * noise
-
-    def __len__(self) -> int:
-        return self.config.num_train_timesteps
-
+        clean = denoised if coefficients.s == self.config.sigma_min else None
+        return CTMSchedulerOutput(prev_sample=prev_sample, denoised=denoised, pred_original_sample=clean)
