@@ -28,10 +28,10 @@ from __future__ import annotations
 import copy
 import warnings
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Sequence
+from typing import Sequence
 
 import torch
-from diffusers import ImagePipelineOutput
+from diffusers import DiffusionPipeline, ImagePipelineOutput
 from diffusers.utils.torch_utils import randn_tensor
 
 from gensample.kernels import (
@@ -44,9 +44,8 @@ from gensample.kernels import (
 )
 from gensample.schedulers import ConsistencyScheduler
 
-if TYPE_CHECKING:
-    from .pipeline_consistency import ConsistencyPipeline
-
+# The pipeline arguments below are ConsistencyPipeline instances (this module is imported by pipeline_consistency and
+# does not import it back); the sampler uses their check_inputs / prepare_latents / prepare_class_labels / postprocess.
 __all__ = ["SamplingPlan", "FastSampler", "FastSamplingMixin", "enable_fast_sampling", "disable_fast_sampling",
            "fast_call"]
 
@@ -148,7 +147,7 @@ class FastSampler:
     :func:`enable_fast_sampling`. Calling it takes the arguments of ``ConsistencyPipeline.__call__``, except the
     step callbacks."""
 
-    def __init__(self, pipe: "ConsistencyPipeline", compile: bool = False, cuda_graph: bool = True,
+    def __init__(self, pipe: DiffusionPipeline, compile: bool = False, cuda_graph: bool = True,
                  channels_last: bool = True, dtype: torch.dtype | None = None, in_kernel_rng: bool = False,
                  backend: Backend = "auto") -> None:
         if not isinstance(pipe.scheduler, ConsistencyScheduler):
@@ -275,19 +274,13 @@ class FastSampler:
                           class_labels)
         plan = self.plan(num_inference_steps, timesteps, sigmas)
         device, dtype = self.device, self.state_dtype
-        cfg = pipe.unet.config
-        shape = (batch_size, cfg.in_channels, cfg.sample_size, cfg.sample_size)
+        shape = (batch_size, *pipe.latent_shape)
 
-        # Random draws in the order of the standard pipeline: latents, class labels, then per-step noise.
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-        latents = latents.to(device=device, dtype=dtype)
-        labels = None
-        if cfg.num_class_embeds is not None:
-            if class_labels is None:
-                gen = generator[0] if isinstance(generator, list) else generator
-                class_labels = torch.randint(0, cfg.num_class_embeds, (batch_size,), generator=gen)
-            labels = torch.as_tensor(class_labels, device=device).reshape(-1).expand(batch_size)
+        # Random draws in the order of the standard pipeline: latents, class labels, then per-step noise. The loop
+        # scales the unit latents by sigma_max itself.
+        latents = pipe.prepare_latents(shape, dtype, device, generator, latents)
+        labels = pipe.prepare_class_labels(batch_size, class_labels, generator, device)
+        pipe._num_timesteps = plan.num_steps
         kernel_rng = self._kernel_rng()
         seed = None
         noises: list[torch.Tensor | None] = [None] * plan.num_steps
@@ -316,17 +309,13 @@ class FastSampler:
                 noises = [z if z is None else z.contiguous(memory_format=torch.channels_last) for z in noises]
             sample = self._loop(plan, latents, noises, labels, seed)
 
-        image = (sample / 2 + 0.5).clamp(0, 1).contiguous()
-        if output_type != "pt":
-            image = image.cpu().permute(0, 2, 3, 1).float().numpy()
-            if output_type == "pil":
-                image = pipe.numpy_to_pil(image)
+        image = pipe.postprocess(sample.contiguous(), output_type)
         if not return_dict:
             return (image,)
         return ImagePipelineOutput(images=image)
 
 
-def enable_fast_sampling(pipe: "ConsistencyPipeline", compile: bool = False, cuda_graph: bool = True,
+def enable_fast_sampling(pipe: DiffusionPipeline, compile: bool = False, cuda_graph: bool = True,
                          channels_last: bool = True, dtype: torch.dtype | None = None, in_kernel_rng: bool = False,
                          backend: Backend = "auto") -> FastSampler:
     """Switch ``pipe`` to fast sampling and return the :class:`FastSampler` (also kept as ``pipe._fast_sampler``).
@@ -353,7 +342,7 @@ def enable_fast_sampling(pipe: "ConsistencyPipeline", compile: bool = False, cud
     return sampler
 
 
-def disable_fast_sampling(pipe: "ConsistencyPipeline") -> None:
+def disable_fast_sampling(pipe: DiffusionPipeline) -> None:
     """Undo :func:`enable_fast_sampling`: free graphs and network copies and restore the UNet's layout."""
     sampler = getattr(pipe, "_fast_sampler", None)
     if sampler is not None:
@@ -361,7 +350,7 @@ def disable_fast_sampling(pipe: "ConsistencyPipeline") -> None:
     pipe._fast_sampler = None
 
 
-def fast_call(pipe: "ConsistencyPipeline", batch_size: int = 1, **kwargs) -> ImagePipelineOutput | tuple:
+def fast_call(pipe: DiffusionPipeline, batch_size: int = 1, **kwargs) -> ImagePipelineOutput | tuple:
     """Sample with the pipeline's fast sampler: ``fast_call(pipe, 16, num_inference_steps=2, generator=g)``.
     Takes the keyword arguments of :meth:`FastSampler.__call__`."""
     sampler = getattr(pipe, "_fast_sampler", None)

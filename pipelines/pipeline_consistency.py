@@ -3,15 +3,15 @@ from __future__ import annotations
 
 from typing import Callable, Sequence
 
-import numpy as np
 import torch
-from diffusers import DiffusionPipeline, ImagePipelineOutput, UNet2DModel
-from diffusers.utils.torch_utils import randn_tensor
+from diffusers import CMStochasticIterativeScheduler, ImagePipelineOutput, UNet2DModel
+from diffusers.utils import replace_example_docstring
 
 from gensample.schedulers import ConsistencyScheduler
 
 from .fast_sampling import FastSamplingMixin
-from .input_checks import check_batch_size, check_num_inference_steps, check_sampling_inputs
+from .input_checks import check_sampling_inputs, check_schedule_source
+from .pipeline_utils import GensamplePipeline, descending
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -26,34 +26,30 @@ EXAMPLE_DOC_STRING = """
 """
 
 
-class ConsistencyPipeline(DiffusionPipeline, FastSamplingMixin):
+class ConsistencyPipeline(GensamplePipeline, FastSamplingMixin):
     r"""Few-step sampling from a consistency model f(x, sigma) = c_skip x + c_out F(c_in x, c_noise) (CM, Algorithm 1).
 
     Components:
         unet ([`UNet2DModel`]): the backbone F; receives c_in(sigma) x and c_noise(sigma) = 250 ln(sigma).
-        scheduler ([`ConsistencyScheduler`]): the noise levels and the consistency step.
+        scheduler ([`ConsistencyScheduler`] or diffusers' [`CMStochasticIterativeScheduler`]): the noise levels and
+            the consistency step. Both give the same samples on the grid schedules; only `ConsistencyScheduler`
+            takes `sigmas` and reports the clean estimate `denoised` to callbacks (None with the diffusers one).
     """
 
-    model_cpu_offload_seq = "unet"
-    _callback_tensor_inputs = ["latents", "denoised"]
+    _scheduler_classes = (ConsistencyScheduler, CMStochasticIterativeScheduler)
 
-    def __init__(self, unet: UNet2DModel, scheduler: ConsistencyScheduler):
+    def __init__(self, unet: UNet2DModel, scheduler: ConsistencyScheduler | CMStochasticIterativeScheduler):
         super().__init__()
         self.register_modules(unet=unet, scheduler=scheduler)
 
     def check_inputs(self, batch_size, num_inference_steps, timesteps, sigmas, latents, generator, output_type,
                      callback_on_step_end_tensor_inputs, class_labels):
-        check_batch_size(batch_size)
-        if timesteps is None and sigmas is None:
-            check_num_inference_steps(num_inference_steps)
-        if timesteps is not None and sigmas is not None:
-            raise ValueError("Pass either `timesteps` or `sigmas`, not both.")
-        cfg = self.unet.config
-        check_sampling_inputs(self, batch_size, (cfg.in_channels, cfg.sample_size, cfg.sample_size), latents,
-                              generator, output_type, ("pil", "np", "pt"), callback_on_step_end_tensor_inputs,
-                              class_labels)
+        check_schedule_source(num_inference_steps, timesteps, sigmas)
+        check_sampling_inputs(self, batch_size, self.latent_shape, latents, generator, output_type,
+                              callback_on_step_end_tensor_inputs, class_labels)
 
     @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
         batch_size: int = 1,
@@ -74,68 +70,41 @@ class ConsistencyPipeline(DiffusionPipeline, FastSamplingMixin):
             batch_size (`int`, defaults to 1): number of images.
             num_inference_steps (`int`, defaults to 1): network evaluations; ignored if `timesteps`/`sigmas` given.
             timesteps (`list[int]`, *optional*): Karras-grid indices of the sampling levels (openai's `ts` without the
-                final index), e.g. `[0, 22]` with the scheduler's `num_train_timesteps=40`.
-            sigmas (`list[float]`, *optional*): explicit descending noise levels, e.g. `[80.0, 0.8]`.
+                final index) in any order, e.g. `[0, 22]` with the scheduler's `num_train_timesteps=40`; handed to
+                the scheduler in descending order (diffusers' convention, `[22, 0]`).
+            sigmas (`list[float]`, *optional*): explicit descending noise levels, e.g. `[80.0, 0.8]`
+                (`ConsistencyScheduler` only).
             generator (`torch.Generator` or list, *optional*): for reproducible noise (one per image if a list).
             latents (`torch.Tensor`, *optional*): unit-variance starting noise; scaled by sigma_max here.
             class_labels (*optional*): labels for a class-conditional UNet; drawn from `generator` if omitted.
-            output_type (`str`, defaults to "pil"): "pil", "np" (NHWC float in [0, 1]) or "pt" (NCHW in [0, 1]).
-            return_dict (`bool`, defaults to True): return an [`ImagePipelineOutput`] rather than a tuple.
+            output_type (`str`, defaults to "pil"): "pil", "np" (NHWC float in [0, 1]), "pt" (NCHW in [0, 1]) or
+                "latent" (the final state in [-1, 1], NCHW, not post-processed).
+            return_dict (`bool`, defaults to True): return an [`ImagePipelineOutput`] rather than the tuple
+                `(images,)`.
             callback_on_step_end (`Callable`, *optional*): `fn(pipe, i, t, callback_kwargs) -> dict` after each step;
-                may return replacement tensors for `callback_on_step_end_tensor_inputs`.
+                `callback_kwargs` holds the tensors named in `callback_on_step_end_tensor_inputs` ("latents": the
+                state after the step, "denoised": the step's clean estimate); a returned "latents" replaces the state.
+            callback_on_step_end_tensor_inputs (`list[str]`, defaults to `["latents"]`): names from
+                `_callback_tensor_inputs`.
+
+        Examples:
 
         Returns:
             [`ImagePipelineOutput`] or `tuple` with the images.
         """
-        callback_on_step_end_tensor_inputs = list(callback_on_step_end_tensor_inputs)
+        callback_on_step_end_tensor_inputs = self.callback_tensor_names(callback_on_step_end,
+                                                                        callback_on_step_end_tensor_inputs)
         # 1. Check inputs
         self.check_inputs(batch_size, num_inference_steps, timesteps, sigmas, latents, generator, output_type,
                           callback_on_step_end_tensor_inputs, class_labels)
-        device = self._execution_device
-        dtype = self.unet.dtype
 
-        # 2. Set the noise levels
-        if timesteps is not None:
-            self.scheduler.set_timesteps(timesteps=timesteps, device=device)
-        elif sigmas is not None:
-            self.scheduler.set_timesteps(sigmas=sigmas, device=device)
-        else:
-            self.scheduler.set_timesteps(num_inference_steps, device=device)
+        # 2.-5. Noise levels (grid indices handed over in descending order), latents at sigma_max, class labels,
+        #       denoising loop; after the last step the latents are the final clean estimate
+        latents = self.sample_latents(batch_size, num_inference_steps, descending(timesteps), sigmas, generator,
+                                      latents, class_labels, callback_on_step_end, callback_on_step_end_tensor_inputs)
 
-        # 3. Prepare latents at sigma_max
-        shape = (batch_size, self.unet.config.in_channels, self.unet.config.sample_size, self.unet.config.sample_size)
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-        latents = latents.to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma
-
-        # 4. Class labels
-        if self.unet.config.num_class_embeds is not None:
-            if class_labels is None:
-                gen = generator[0] if isinstance(generator, list) else generator
-                class_labels = torch.randint(0, self.unet.config.num_class_embeds, (batch_size,), generator=gen)
-            class_labels = torch.as_tensor(class_labels, device=device).reshape(-1).expand(batch_size)
-
-        # 5. Denoising loop
-        denoised = latents
-        with self.progress_bar(total=len(self.scheduler.timesteps)) as progress_bar:
-            for i, t in enumerate(self.scheduler.timesteps):
-                model_input = self.scheduler.scale_model_input(latents, t)
-                model_output = self.unet(model_input, t, class_labels=class_labels, return_dict=False)[0]
-                latents, denoised = self.scheduler.step(model_output, t, latents, generator=generator,
-                                                        return_dict=False)
-                if callback_on_step_end is not None:
-                    local_vars = {"latents": latents, "denoised": denoised}
-                    callback_kwargs = {k: local_vars[k] for k in callback_on_step_end_tensor_inputs}
-                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
-                    latents = callback_outputs.pop("latents", latents)
-                progress_bar.update()
-
-        # 6. Post-process: after the last step latents == the final clean estimate
-        image = (latents / 2 + 0.5).clamp(0, 1)
-        if output_type != "pt":
-            image = image.cpu().permute(0, 2, 3, 1).float().numpy()
-            if output_type == "pil":
-                image = self.numpy_to_pil(image)
+        # 6. Post-process
+        image = self.postprocess(latents, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (image,)

@@ -5,8 +5,8 @@ from __future__ import annotations
 from typing import Any, Callable, Sequence
 
 import torch
-from diffusers import DiffusionPipeline, ImagePipelineOutput
-from diffusers.utils.torch_utils import randn_tensor
+from diffusers import ImagePipelineOutput
+from diffusers.utils import replace_example_docstring
 
 from gensample.core.parametrization import TrajectoryFunction, noise_conditioning
 from gensample.core.sampling import check_gamma, heun_solve
@@ -14,7 +14,8 @@ from gensample.core.sigmas import edm_sigmas
 from gensample.models.ctm_unet import CTMUNet2DModel
 from gensample.schedulers.scheduling_ctm import CTMScheduler
 
-from .input_checks import check_batch_size, check_num_inference_steps, check_sampling_inputs
+from .input_checks import check_sampling_inputs, check_schedule_source
+from .pipeline_utils import GensamplePipeline
 
 __all__ = ["CTMPipeline"]
 
@@ -37,9 +38,10 @@ EXAMPLE_DOC_STRING = """
 """
 
 
-class CTMPipeline(DiffusionPipeline):
+class CTMPipeline(GensamplePipeline):
     r"""Image generation from a CTM trajectory function G(x, t, s) = (s/t) x + (1 - s/t) g(x, t, s),
-    g = c_skip(t) x + c_out(t) F(c_in(t) x, c_noise(t), c_noise(s)) (:class:`gensample.core.parametrization.TrajectoryFunction`).
+    g = c_skip(t) x + c_out(t) F(c_in(t) x, c_noise(t), c_noise(s))
+    (:class:`gensample.core.parametrization.TrajectoryFunction`).
 
     Two samplers (CTM sec. 4 / reference sec. 1.7):
 
@@ -51,11 +53,11 @@ class CTMPipeline(DiffusionPipeline):
 
     Components:
         unet ([`CTMUNet2DModel`]): the backbone F(x, c_noise(t), s_timestep=c_noise(s)).
-        scheduler ([`CTMScheduler`]): the sigma grid, gamma and the gamma-sampling step.
+        scheduler ([`CTMScheduler`]): the sigma grid, gamma and the gamma-sampling step (no other scheduler serves
+            the trajectory jump G(x, t, s)).
     """
 
-    model_cpu_offload_seq = "unet"
-    _callback_tensor_inputs = ["latents", "denoised"]
+    _scheduler_classes = (CTMScheduler,)
 
     def __init__(self, unet: CTMUNet2DModel, scheduler: CTMScheduler):
         super().__init__()
@@ -71,13 +73,9 @@ class CTMPipeline(DiffusionPipeline):
                      generator: torch.Generator | list[torch.Generator] | None, output_type: str,
                      callback_on_step_end_tensor_inputs: list[str] | None, class_labels: Any) -> None:
         """Raise a ValueError that says the fix for any invalid argument of :meth:`__call__`."""
-        check_batch_size(batch_size)
         if sampler not in SAMPLERS:
             raise ValueError(f"`sampler` must be one of {SAMPLERS}, got {sampler!r}.")
-        if timesteps is None and sigmas is None:
-            check_num_inference_steps(num_inference_steps)
-        if timesteps is not None and sigmas is not None:
-            raise ValueError("Pass either `timesteps` or `sigmas`, not both.")
+        check_schedule_source(num_inference_steps, timesteps, sigmas)
         if sampler == "heun":
             if gamma is not None:
                 raise ValueError("`gamma` applies to sampler='gamma' only; sampler='heun' is deterministic. Drop "
@@ -87,10 +85,8 @@ class CTMPipeline(DiffusionPipeline):
                                  "`num_inference_steps` for sampler='heun'.")
         elif gamma is not None:
             check_gamma(gamma)
-        cfg = self.unet.config
-        check_sampling_inputs(self, batch_size, (cfg.in_channels, cfg.sample_size, cfg.sample_size), latents,
-                              generator, output_type, ("pil", "np", "pt"), callback_on_step_end_tensor_inputs,
-                              class_labels)
+        check_sampling_inputs(self, batch_size, self.latent_shape, latents, generator, output_type,
+                              callback_on_step_end_tensor_inputs, class_labels)
 
     def _heun_sigmas(self, num_inference_steps: int, sigmas: Sequence[float] | None) -> torch.Tensor:
         """EDM's schedule ending in 0: eq. 5 on the scheduler's (sigma_min, sigma_max, rho), or ``sigmas`` + [0]."""
@@ -107,6 +103,7 @@ class CTMPipeline(DiffusionPipeline):
         return torch.cat([levels, levels.new_zeros(1)])
 
     @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
         batch_size: int = 1,
@@ -138,92 +135,58 @@ class CTMPipeline(DiffusionPipeline):
             generator (`torch.Generator` or list, *optional*): for reproducible noise (one per image if a list).
             latents (`torch.Tensor`, *optional*): unit-variance starting noise; scaled by the first level here.
             class_labels (*optional*): labels for a class-conditional UNet; drawn from `generator` if omitted.
-            output_type (`str`, defaults to "pil"): "pil", "np" (NHWC float in [0, 1]) or "pt" (NCHW in [0, 1]).
-            return_dict (`bool`, defaults to True): return an [`ImagePipelineOutput`] rather than a tuple.
+            output_type (`str`, defaults to "pil"): "pil", "np" (NHWC float in [0, 1]), "pt" (NCHW in [0, 1]) or
+                "latent" (the final state, NCHW, not clamped or post-processed).
+            return_dict (`bool`, defaults to True): return an [`ImagePipelineOutput`] rather than the tuple
+                `(images,)`.
             callback_on_step_end (`Callable`, *optional*): `fn(pipe, i, t, callback_kwargs) -> dict` after each step
-                (`t` is c_noise of the step's level); may return replacement tensors for
+                (`t` is c_noise of the step's level); `callback_kwargs` holds the tensors named in
                 `callback_on_step_end_tensor_inputs` ("latents": the state after the step, "denoised": G(x, t, s)
-                for gamma, the denoiser output g(x, t, t) at the step's start for heun).
+                for gamma, the denoiser output g(x, t, t) at the step's start for heun); a returned "latents"
+                replaces the state.
+            callback_on_step_end_tensor_inputs (`list[str]`, defaults to `["latents"]`): names from
+                `_callback_tensor_inputs`.
+
+        Examples:
 
         Returns:
             [`ImagePipelineOutput`] or `tuple` with the images (the final state clamped to [-1, 1], mapped to [0, 1]).
         """
-        callback_on_step_end_tensor_inputs = list(callback_on_step_end_tensor_inputs)
+        callback_on_step_end_tensor_inputs = self.callback_tensor_names(callback_on_step_end,
+                                                                        callback_on_step_end_tensor_inputs)
         # 1. Check inputs
         self.check_inputs(batch_size, num_inference_steps, timesteps, sigmas, gamma, sampler, latents, generator,
                           output_type, callback_on_step_end_tensor_inputs, class_labels)
-        device = self._execution_device
-        dtype = self.unet.dtype
 
-        # 2. Set the noise levels
         if sampler == "gamma":
-            if timesteps is not None:
-                self.scheduler.set_timesteps(timesteps=timesteps, device=device, gamma=gamma)
-            elif sigmas is not None:
-                self.scheduler.set_timesteps(sigmas=sigmas, device=device, gamma=gamma)
-            else:
-                self.scheduler.set_timesteps(num_inference_steps, device=device, gamma=gamma)
-            start_sigma = self.scheduler.init_noise_sigma
+            # 2.-5. Noise levels and gamma, latents at sigma_0, class labels, gamma-sampling (F at (sigma_i, s_i),
+            #       then CTMScheduler.step: jump + re-noise)
+            latents = self.sample_latents(batch_size, num_inference_steps, timesteps, sigmas, generator, latents,
+                                          class_labels, callback_on_step_end, callback_on_step_end_tensor_inputs,
+                                          gamma=gamma)
         else:
+            # 2. The Heun levels, ending in 0
             heun_sigmas = self._heun_sigmas(num_inference_steps, sigmas)
-            start_sigma = float(heun_sigmas[0])
-
-        # 3. Prepare latents at the first level
-        cfg = self.unet.config
-        shape = (batch_size, cfg.in_channels, cfg.sample_size, cfg.sample_size)
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-        latents = latents.to(device=device, dtype=dtype) * start_sigma
-
-        # 4. Class labels
-        if cfg.num_class_embeds is not None:
-            if class_labels is None:
-                gen = generator[0] if isinstance(generator, list) else generator
-                class_labels = torch.randint(0, cfg.num_class_embeds, (batch_size,), generator=gen)
-            class_labels = torch.as_tensor(class_labels, device=device).reshape(-1).expand(batch_size)
-
-        # 5. Sampling loop
-        if sampler == "gamma":
-            latents = self._gamma_loop(latents, class_labels, generator, callback_on_step_end,
-                                       callback_on_step_end_tensor_inputs)
-        else:
+            # 3. Prepare latents at the first level
+            device = self._execution_device
+            latents = self.prepare_latents((batch_size, *self.latent_shape), self.unet.dtype, device, generator,
+                                           latents, float(heun_sigmas[0]))
+            # 4. Class labels
+            class_labels = self.prepare_class_labels(batch_size, class_labels, generator, device)
+            # 5. EDM Heun on g(x, t, t)
             latents = self._heun_loop(latents, heun_sigmas, class_labels, callback_on_step_end,
                                       callback_on_step_end_tensor_inputs)
 
         # 6. Post-process: the final state is the sample (at sigma_min for gamma, at 0 for heun)
-        image = (latents / 2 + 0.5).clamp(0, 1)
-        if output_type != "pt":
-            image = image.cpu().permute(0, 2, 3, 1).float().numpy()
-            if output_type == "pil":
-                image = self.numpy_to_pil(image)
+        image = self.postprocess(latents, output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (image,)
         return ImagePipelineOutput(images=image)
 
-    def _callback(self, callback: StepCallback | None, i: int, t: torch.Tensor, names: list[str],
-                  latents: torch.Tensor, denoised: torch.Tensor) -> torch.Tensor:
-        """Run ``callback_on_step_end`` and return the (possibly replaced) latents."""
-        if callback is None:
-            return latents
-        local_vars = {"latents": latents, "denoised": denoised}
-        outputs = callback(self, i, t, {k: local_vars[k] for k in names}) or {}
-        return outputs.pop("latents", latents)
-
-    def _gamma_loop(self, latents: torch.Tensor, class_labels: torch.Tensor | None,
-                    generator: torch.Generator | list[torch.Generator] | None, callback: StepCallback | None,
-                    names: list[str]) -> torch.Tensor:
-        """CTM gamma-sampling: F at (sigma_i, s_i), then :meth:`CTMScheduler.step` (jump + re-noise)."""
-        scheduler = self.scheduler
-        with self.progress_bar(total=len(scheduler.timesteps)) as progress_bar:
-            for i, t in enumerate(scheduler.timesteps):
-                model_input = scheduler.scale_model_input(latents, t)
-                model_output = self.unet(model_input, t, class_labels=class_labels,
-                                         s_timestep=scheduler.s_timesteps[i], return_dict=False)[0]
-                latents, denoised = scheduler.step(model_output, t, latents, generator=generator, return_dict=False)
-                latents = self._callback(callback, i, t, names, latents, denoised)
-                progress_bar.update()
-        return latents
+    def unet_step_kwargs(self, i: int) -> dict:
+        """Gamma-sampling evaluates F(c_in x, c_noise(sigma_i), s_timestep=c_noise(s_i)) at step ``i``."""
+        return {"s_timestep": self.scheduler.s_timesteps[i]}
 
     def _heun_loop(self, latents: torch.Tensor, sigmas: torch.Tensor, class_labels: torch.Tensor | None,
                    callback: StepCallback | None, names: list[str]) -> torch.Tensor:
@@ -232,11 +195,12 @@ class CTMPipeline(DiffusionPipeline):
         denoiser = self.trajectory_function.denoise
         extra_args = {"class_labels": class_labels} if class_labels is not None else {}
         seen: dict = {}
-        with self.progress_bar(total=len(sigmas) - 1) as progress_bar:
-            for i in range(len(sigmas) - 1):
+        self._num_timesteps = len(sigmas) - 1
+        with self.progress_bar(total=self._num_timesteps) as progress_bar:
+            for i in range(self._num_timesteps):
                 latents = heun_solve(denoiser, latents, sigmas[i:i + 2], extra_args=extra_args,
                                      callback=seen.update)
                 t = noise_conditioning(sigmas[i]).to(torch.float32)  # c_noise(sigma_i), as the gamma loop passes
-                latents = self._callback(callback, i, t, names, latents, seen["denoised"])
+                latents = self.run_callback(callback, i, t, names, latents=latents, denoised=seen["denoised"])
                 progress_bar.update()
         return latents

@@ -10,12 +10,15 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import torch
-from diffusers import AutoencoderKL, DiffusionPipeline, ImagePipelineOutput, UNet2DModel
-from diffusers.utils.torch_utils import randn_tensor
+from diffusers import AutoencoderKL, CMStochasticIterativeScheduler, ImagePipelineOutput, UNet2DModel
+from diffusers.utils import replace_example_docstring
 
 from gensample.models.latent_normalizer import LatentNormalizer
+from gensample.models.nsln import NsLNUNet2DModel
 from gensample.schedulers import ConsistencyScheduler
-from .input_checks import check_batch_size, check_num_inference_steps, check_sampling_inputs
+
+from .input_checks import check_sampling_inputs, check_schedule_source
+from .pipeline_utils import GensamplePipeline, descending
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -30,24 +33,26 @@ EXAMPLE_DOC_STRING = """
 """
 
 
-class LatentConsistencyPipeline(DiffusionPipeline):
+class LatentConsistencyPipeline(GensamplePipeline):
     r"""Few-step consistency sampling in a normalised VAE latent space, then decoding (CM Algorithm 1 in latents).
 
     Components:
         unet ([`UNet2DModel`] or `NsLNUNet2DModel`): the backbone F over normalised latents; receives c_in(sigma) x
             and c_noise(sigma) = 250 ln(sigma) (same parametrization as ``ConsistencyPipeline``).
-        scheduler ([`ConsistencyScheduler`]): the noise levels and the consistency step (used exactly as
-            ``ConsistencyPipeline`` uses it; training exports it with ``clip_denoised=False``).
+        scheduler ([`ConsistencyScheduler`] or diffusers' [`CMStochasticIterativeScheduler`]): the noise levels and
+            the consistency step (used exactly as ``ConsistencyPipeline`` uses it; training exports it with
+            ``clip_denoised=False``).
         vae ([`AutoencoderKL`]): decodes raw latents to images in [-1, 1].
         normalizer ([`LatentNormalizer`]): per-element latent statistics; ``denormalize`` maps the sampled
             latents back to the VAE's latent space.
     """
 
     model_cpu_offload_seq = "unet->vae"
-    _callback_tensor_inputs = ["latents", "denoised"]
+    _scheduler_classes = (ConsistencyScheduler, CMStochasticIterativeScheduler)
 
-    def __init__(self, unet: UNet2DModel, scheduler: ConsistencyScheduler, vae: AutoencoderKL,
-                 normalizer: LatentNormalizer):
+    def __init__(self, unet: UNet2DModel | NsLNUNet2DModel,
+                 scheduler: ConsistencyScheduler | CMStochasticIterativeScheduler,
+                 vae: AutoencoderKL, normalizer: LatentNormalizer):
         super().__init__()
         if unet is not None and vae is not None and normalizer is not None:
             shape = tuple(normalizer.latent_shape)
@@ -59,21 +64,11 @@ class LatentConsistencyPipeline(DiffusionPipeline):
                     f"{vae.config.latent_channels} channels, normalizer {shape}.")
         self.register_modules(unet=unet, scheduler=scheduler, vae=vae, normalizer=normalizer)
 
-    @property
-    def latent_shape(self) -> tuple[int, int, int]:
-        size = self.unet.config.sample_size
-        h, w = (size, size) if isinstance(size, int) else tuple(size)
-        return (self.unet.config.in_channels, h, w)
-
     def check_inputs(self, batch_size, num_inference_steps, timesteps, sigmas, latents, generator, output_type,
                      callback_on_step_end_tensor_inputs, class_labels):
-        check_batch_size(batch_size)
-        if timesteps is None and sigmas is None:
-            check_num_inference_steps(num_inference_steps)
-        if timesteps is not None and sigmas is not None:
-            raise ValueError("Pass either `timesteps` or `sigmas`, not both.")
-        check_sampling_inputs(self, batch_size, tuple(self.latent_shape), latents, generator, output_type,
-                              ("pil", "np", "pt", "latent"), callback_on_step_end_tensor_inputs, class_labels)
+        check_schedule_source(num_inference_steps, timesteps, sigmas)
+        check_sampling_inputs(self, batch_size, self.latent_shape, latents, generator, output_type,
+                              callback_on_step_end_tensor_inputs, class_labels)
 
     @torch.no_grad()
     def decode_latents(self, latents: torch.Tensor) -> torch.Tensor:
@@ -83,6 +78,7 @@ class LatentConsistencyPipeline(DiffusionPipeline):
         return (image.float() / 2 + 0.5).clamp(0, 1)
 
     @torch.no_grad()
+    @replace_example_docstring(EXAMPLE_DOC_STRING)
     def __call__(
         self,
         batch_size: int = 1,
@@ -103,72 +99,43 @@ class LatentConsistencyPipeline(DiffusionPipeline):
             batch_size (`int`, defaults to 1): number of images.
             num_inference_steps (`int`, defaults to 1): network evaluations; ignored if `timesteps`/`sigmas` given.
             timesteps (`list[int]`, *optional*): Karras-grid indices of the sampling levels (openai's `ts` without the
-                final index), e.g. `[0, 440]` with the scheduler's `num_train_timesteps=641` (sLCT's 2-step `ts`).
-            sigmas (`list[float]`, *optional*): explicit descending noise levels, e.g. `[80.0, 0.3693]`.
+                final index) in any order, e.g. `[0, 440]` with the scheduler's `num_train_timesteps=641` (sLCT's
+                2-step `ts`); handed to the scheduler in descending order (diffusers' convention).
+            sigmas (`list[float]`, *optional*): explicit descending noise levels, e.g. `[80.0, 0.3693]`
+                (`ConsistencyScheduler` only).
             generator (`torch.Generator` or list, *optional*): for reproducible noise (one per image if a list).
             latents (`torch.Tensor`, *optional*): unit-variance starting noise of shape (batch, C, h, w); scaled by
                 sigma_max here.
             class_labels (*optional*): labels for a class-conditional UNet; drawn from `generator` if omitted.
             output_type (`str`, defaults to "pil"): "pil", "np" (NHWC float in [0, 1]), "pt" (NCHW in [0, 1]) or
                 "latent" (the sampled normalised latents, NCHW, not decoded).
-            return_dict (`bool`, defaults to True): return an [`ImagePipelineOutput`] rather than a tuple.
+            return_dict (`bool`, defaults to True): return an [`ImagePipelineOutput`] rather than the tuple
+                `(images,)`.
             callback_on_step_end (`Callable`, *optional*): `fn(pipe, i, t, callback_kwargs) -> dict` after each step;
-                may return replacement tensors for `callback_on_step_end_tensor_inputs`.
+                `callback_kwargs` holds the tensors named in `callback_on_step_end_tensor_inputs` ("latents": the
+                state after the step, "denoised": the step's clean estimate); a returned "latents" replaces the state.
+            callback_on_step_end_tensor_inputs (`list[str]`, defaults to `["latents"]`): names from
+                `_callback_tensor_inputs`.
+
+        Examples:
 
         Returns:
             [`ImagePipelineOutput`] or `tuple` with the images (or latents).
         """
-        callback_on_step_end_tensor_inputs = list(callback_on_step_end_tensor_inputs)
+        callback_on_step_end_tensor_inputs = self.callback_tensor_names(callback_on_step_end,
+                                                                        callback_on_step_end_tensor_inputs)
         # 1. Check inputs
         self.check_inputs(batch_size, num_inference_steps, timesteps, sigmas, latents, generator, output_type,
                           callback_on_step_end_tensor_inputs, class_labels)
-        device = self._execution_device
-        dtype = self.unet.dtype
 
-        # 2. Set the noise levels
-        if timesteps is not None:
-            self.scheduler.set_timesteps(timesteps=timesteps, device=device)
-        elif sigmas is not None:
-            self.scheduler.set_timesteps(sigmas=sigmas, device=device)
-        else:
-            self.scheduler.set_timesteps(num_inference_steps, device=device)
+        # 2.-5. Consistency sampling in latent space: noise levels (grid indices in descending order), latents at
+        #       sigma_max, class labels, denoising loop; after the last step latents == the final clean estimate
+        latents = self.sample_latents(batch_size, num_inference_steps, descending(timesteps), sigmas, generator,
+                                      latents, class_labels, callback_on_step_end, callback_on_step_end_tensor_inputs)
 
-        # 3. Prepare latents at sigma_max
-        shape = (batch_size, *self.latent_shape)
-        if latents is None:
-            latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-        latents = latents.to(device=device, dtype=dtype) * self.scheduler.init_noise_sigma
-
-        # 4. Class labels
-        if self.unet.config.num_class_embeds is not None:
-            if class_labels is None:
-                gen = generator[0] if isinstance(generator, list) else generator
-                class_labels = torch.randint(0, self.unet.config.num_class_embeds, (batch_size,), generator=gen)
-            class_labels = torch.as_tensor(class_labels, device=device).reshape(-1).expand(batch_size)
-
-        # 5. Consistency sampling in latent space
-        with self.progress_bar(total=len(self.scheduler.timesteps)) as progress_bar:
-            for i, t in enumerate(self.scheduler.timesteps):
-                model_input = self.scheduler.scale_model_input(latents, t)
-                model_output = self.unet(model_input, t, class_labels=class_labels, return_dict=False)[0]
-                latents, denoised = self.scheduler.step(model_output, t, latents, generator=generator,
-                                                        return_dict=False)
-                if callback_on_step_end is not None:
-                    local_vars = {"latents": latents, "denoised": denoised}
-                    callback_kwargs = {k: local_vars[k] for k in callback_on_step_end_tensor_inputs}
-                    callback_outputs = callback_on_step_end(self, i, t, callback_kwargs) or {}
-                    latents = callback_outputs.pop("latents", latents)
-                progress_bar.update()
-
-        # 6. After the last step latents == the final clean estimate: decode
-        if output_type == "latent":
-            image = latents
-        else:
-            image = self.decode_latents(latents)
-            if output_type != "pt":
-                image = image.cpu().permute(0, 2, 3, 1).float().numpy()
-                if output_type == "pil":
-                    image = self.numpy_to_pil(image)
+        # 6. Decode (decode_latents maps to [0, 1] itself)
+        image = latents if output_type == "latent" else self.decode_latents(latents)
+        image = self.postprocess(image, output_type, denormalize=False)
         self.maybe_free_model_hooks()
         if not return_dict:
             return (image,)

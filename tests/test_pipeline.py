@@ -86,8 +86,8 @@ def test_rgb_pil_mode():
 
 
 def test_bad_output_type(pipe):
-    with pytest.raises(ValueError, match="`output_type` must be 'pil', 'np' or 'pt', got 'latent'"):
-        pipe(output_type="latent")
+    with pytest.raises(ValueError, match="`output_type` must be 'pil', 'np', 'pt' or 'latent', got 'jpg'"):
+        pipe(output_type="jpg")
 
 
 def test_return_dict_false(pipe):
