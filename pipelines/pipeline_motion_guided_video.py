@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import inspect
 import math
+import os
 from dataclasses import dataclass
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
 from diffusers import AutoencoderKL, DiffusionPipeline, SchedulerMixin, UNet3DConditionModel, UNetMotionModel
-from diffusers.utils import BaseOutput
+from diffusers.callbacks import MultiPipelineCallbacks, PipelineCallback
+from diffusers.utils import BaseOutput, logging
 from diffusers.utils.torch_utils import randn_tensor
 from diffusers.video_processor import VideoProcessor
 from einops import rearrange
@@ -23,9 +25,13 @@ from gensample.video.guidance import (
     reference_trajectories,
 )
 from gensample.video.init_noise import INIT_NOISE_MODES, butterworth_low_pass, ddim_invert, lowfreq_mix
+
 from .input_checks import check_num_inference_steps
+from .pipeline_utils import write_loader
 
 __all__ = ["MotionGuidedVideoPipeline", "MotionGuidedVideoPipelineOutput"]
+
+logger = logging.get_logger(__name__)
 
 EXAMPLE_DOC_STRING = """
     Examples:
@@ -49,7 +55,10 @@ EXAMPLE_DOC_STRING = """
 class MotionGuidedVideoPipelineOutput(BaseOutput):
     """frames: (batch) videos as lists of PIL images, an np array (B, F, H, W, C) or a tensor (B, F, C, H, W);
     motion_loss: L_c per guided step (mean over the batch); guidance_saved_bytes: the largest number of bytes that
-    autograd saved for the backward pass of one guided step (the activation memory guidance costs)."""
+    autograd saved for the backward pass of one guided step (the activation memory guidance costs).
+
+    ``return_dict=False`` returns ``(frames,)`` only, as diffusers' ``AnimateDiffPipeline`` does; the two guidance
+    statistics are available on this output (the default ``return_dict=True``)."""
 
     frames: Any
     motion_loss: list[float]
@@ -81,14 +90,24 @@ class MotionGuidedVideoPipeline(DiffusionPipeline):
             prediction, as the scheduler's ``prediction_type`` says).
         scheduler: a diffusers scheduler with DDIM-style ``step`` (``DDIMScheduler`` for inversion).
         vae ([`AutoencoderKL`], *optional*): None for pixel-space models such as the embedded moving-digits one.
-        text_encoder / tokenizer (CLIP, *optional*): None for unconditional models, which get zero prompt embeds.
+        text_encoder / tokenizer (CLIP, *optional*): None for unconditional models (such as the shipped
+            ``video-digits``), which get zero prompt embeds. Without them a ``prompt`` / ``negative_prompt`` cannot be
+            encoded and raises a ``ValueError`` before anything runs (it is never silently dropped): pass
+            ``prompt_embeds`` (and ``negative_prompt_embeds`` for classifier-free guidance) instead, or load a
+            text encoder and tokenizer.
         default_motion_weight (`float`, defaults to 1e4): sigma_t when the guidance config leaves ``weight`` unset
             (saved in model_index.json, so a model can ship the weight tuned for it).
+
+    Loading: ``MotionGuidedVideoPipeline.from_pretrained(folder)`` or ``gensample.load_pipeline(folder)``; diffusers'
+    generic ``DiffusionPipeline.from_pretrained(folder, custom_pipeline="gensample_pipeline",
+    trust_remote_code=True)`` returns this class too, from the ``gensample_pipeline.py`` that ``save_pretrained``
+    writes next to ``model_index.json`` (it only imports this class from gensample; see
+    :mod:`gensample.pipelines.pipeline_utils`).
     """
 
     _optional_components = ["vae", "text_encoder", "tokenizer"]
     model_cpu_offload_seq = "text_encoder->unet->vae"
-    _callback_tensor_inputs = ["latents", "prompt_embeds"]
+    _callback_tensor_inputs = ["latents", "prompt_embeds", "negative_prompt_embeds"]
 
     def __init__(self, unet: Union[UNetMotionModel, UNet3DConditionModel], scheduler: SchedulerMixin,  # noqa: UP007
                  vae: Optional[AutoencoderKL] = None, text_encoder: Optional[torch.nn.Module] = None,  # noqa: UP007
@@ -101,7 +120,45 @@ class MotionGuidedVideoPipeline(DiffusionPipeline):
         self.vae_scale_factor = 2 ** (len(vae.config.block_out_channels) - 1) if vae is not None else 1
         self.video_processor = VideoProcessor(do_resize=False, vae_scale_factor=self.vae_scale_factor)
 
+    def save_config(self, save_directory: str | os.PathLike, push_to_hub: bool = False, **kwargs: Any) -> None:
+        """``model_index.json`` (diffusers) and the generic-loading file ``gensample_pipeline.py``."""
+        write_loader(save_directory, type(self), dict(self.config))
+        super().save_config(save_directory, push_to_hub=push_to_hub, **kwargs)
+
+    # ------------------------------------------------------------------ call state (as in AnimateDiffPipeline)
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
+
+    @property
+    def clip_skip(self) -> int | None:
+        return self._clip_skip
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        """``guidance_scale > 1``, as in AnimateDiffPipeline, when there is an unconditional branch to guide from:
+        a text encoder (which encodes the negative prompt, "" by default) or ``negative_prompt_embeds``. Models
+        without either (unconditional ones) skip classifier-free guidance whatever ``guidance_scale`` is."""
+        return self._guidance_scale > 1 and self._has_negative_branch
+
+    @property
+    def cross_attention_kwargs(self) -> dict[str, Any] | None:
+        return self._cross_attention_kwargs
+
+    @property
+    def num_timesteps(self) -> int:
+        return self._num_timesteps
+
+    @property
+    def interrupt(self) -> bool:
+        """Set ``pipe._interrupt = True`` from ``callback_on_step_end`` to skip the remaining denoising steps."""
+        return self._interrupt
+
     # ------------------------------------------------------------------ conditioning
+    @property
+    def _can_encode_text(self) -> bool:
+        return self.text_encoder is not None and self.tokenizer is not None
+
     @property
     def _repeats_embeds_per_frame(self) -> bool:
         # UNetMotionModel takes one row of encoder states per frame (AnimateDiffPipeline repeats them);
@@ -111,27 +168,41 @@ class MotionGuidedVideoPipeline(DiffusionPipeline):
     def encode_prompt(self, prompt, device, num_videos_per_prompt: int, do_classifier_free_guidance: bool,
                       negative_prompt=None, prompt_embeds=None, negative_prompt_embeds=None,
                       lora_scale: float | None = None, clip_skip: int | None = None):
-        """AnimateDiff's (Stable Diffusion's) prompt encoding; models without a text encoder get zero embeds."""
-        if self.text_encoder is not None:
+        """AnimateDiff's (Stable Diffusion's) prompt encoding.
+
+        Without a text encoder / tokenizer, ``prompt`` and ``negative_prompt`` raise a ``ValueError`` (pass
+        ``prompt_embeds`` / ``negative_prompt_embeds`` instead); given embeds are used as they are, and with none the
+        model is unconditional and gets zero embeds (1, 1, cross_attention_dim).
+        """
+        if self._can_encode_text:
             from diffusers import AnimateDiffPipeline
 
             return AnimateDiffPipeline.encode_prompt(self, prompt, device, num_videos_per_prompt,
                                                      do_classifier_free_guidance, negative_prompt, prompt_embeds,
                                                      negative_prompt_embeds, lora_scale, clip_skip)
         if prompt is not None or negative_prompt is not None:
-            raise ValueError("This pipeline has no text encoder (an unconditional video model): drop `prompt` / "
-                             "`negative_prompt`, or pass `prompt_embeds` of shape (batch, seq, "
-                             f"{self.unet.config.cross_attention_dim}).")
+            raise ValueError(self._no_text_encoder_message("prompt" if prompt is not None else "negative_prompt"))
         if prompt_embeds is None:
             prompt_embeds = torch.zeros(1, 1, self.unet.config.cross_attention_dim, device=device,
                                         dtype=self.unet.dtype)
-        prompt_embeds = prompt_embeds.to(device).repeat_interleave(num_videos_per_prompt, dim=0)
+        prompt_embeds = prompt_embeds.to(device=device, dtype=self.unet.dtype)
+        prompt_embeds = prompt_embeds.repeat_interleave(num_videos_per_prompt, dim=0)
         if do_classifier_free_guidance:
             if negative_prompt_embeds is None:
                 negative_prompt_embeds = torch.zeros_like(prompt_embeds)
             else:
-                negative_prompt_embeds = negative_prompt_embeds.to(device).repeat_interleave(num_videos_per_prompt, 0)
+                negative_prompt_embeds = negative_prompt_embeds.to(device=device, dtype=self.unet.dtype)
+                negative_prompt_embeds = negative_prompt_embeds.repeat_interleave(num_videos_per_prompt, dim=0)
         return prompt_embeds, negative_prompt_embeds
+
+    def _no_text_encoder_message(self, argument: str) -> str:
+        missing = " and ".join(f"`{name}`" for name in ("text_encoder", "tokenizer") if getattr(self, name) is None)
+        return (f"`{argument}` was given but this {type(self).__name__} has no text encoder to encode it ({missing} "
+                "is None: an unconditional video model such as video-digits, or a pipeline loaded without one). "
+                "Either drop `prompt` / `negative_prompt` for unconditional generation, pass `prompt_embeds` (and "
+                "`negative_prompt_embeds` for classifier-free guidance) of shape (batch, seq, "
+                f"{self.unet.config.cross_attention_dim}), or load a text encoder and tokenizer, e.g. "
+                f"{type(self).__name__}.from_pretrained(path, text_encoder=..., tokenizer=...).")
 
     # ------------------------------------------------------------------ inputs
     def prepare_reference(self, reference_video, num_frames: int, height: int, width: int, device, dtype,
@@ -165,7 +236,35 @@ class MotionGuidedVideoPipeline(DiffusionPipeline):
         return rearrange(frames, "f c h w -> 1 c f h w")
 
     def check_inputs(self, num_frames: int, height: int, width: int, num_inference_steps: int, output_type: str,
-                     init_noise: str, motion_guidance, reference_video, latents, batch_size: int) -> None:
+                     init_noise: str, motion_guidance, reference_video, latents, batch_size: int, prompt=None,
+                     negative_prompt=None, prompt_embeds=None, negative_prompt_embeds=None,
+                     callback_on_step_end_tensor_inputs=None) -> None:
+        if callback_on_step_end_tensor_inputs is not None:
+            unknown = [k for k in callback_on_step_end_tensor_inputs if k not in self._callback_tensor_inputs]
+            if unknown:
+                raise ValueError(f"`callback_on_step_end_tensor_inputs` has to be in {self._callback_tensor_inputs}, "
+                                 f"but found {unknown}.")
+        if prompt is not None and prompt_embeds is not None:
+            raise ValueError("Cannot forward both `prompt` and `prompt_embeds`: pass only one of the two.")
+        if negative_prompt is not None and negative_prompt_embeds is not None:
+            raise ValueError("Cannot forward both `negative_prompt` and `negative_prompt_embeds`: pass only one of "
+                             "the two.")
+        if prompt is not None and not isinstance(prompt, (str, list)):
+            raise ValueError(f"`prompt` has to be of type `str` or `list` but is {type(prompt)}.")
+        if not self._can_encode_text:
+            if prompt is not None or negative_prompt is not None:
+                raise ValueError(self._no_text_encoder_message("prompt" if prompt is not None else "negative_prompt"))
+        elif prompt is None and prompt_embeds is None:
+            raise ValueError("Provide either `prompt` or `prompt_embeds` (this pipeline has a text encoder; use "
+                             "prompt=\"\" for an unconditional video).")
+        if prompt_embeds is not None and negative_prompt_embeds is not None \
+                and prompt_embeds.shape != negative_prompt_embeds.shape:
+            raise ValueError("`prompt_embeds` and `negative_prompt_embeds` must have the same shape, got "
+                             f"{tuple(prompt_embeds.shape)} and {tuple(negative_prompt_embeds.shape)}.")
+        dim = self.unet.config.get("cross_attention_dim")
+        for name, embeds in (("prompt_embeds", prompt_embeds), ("negative_prompt_embeds", negative_prompt_embeds)):
+            if embeds is not None and (embeds.ndim != 3 or (isinstance(dim, int) and embeds.shape[-1] != dim)):
+                raise ValueError(f"`{name}` must have shape (batch, seq, {dim}), got {tuple(embeds.shape)}.")
         check_num_inference_steps(num_inference_steps)
         if num_frames < 2:
             raise ValueError(f"`num_frames` must be >= 2 for a video, got {num_frames}.")
@@ -278,7 +377,8 @@ class MotionGuidedVideoPipeline(DiffusionPipeline):
         motion_guidance: MotionGuidanceConfig | None = None,
         init_noise: str | None = None,
         lowfreq_cutoff: float = 0.25,
-        callback_on_step_end: Callable[["MotionGuidedVideoPipeline", int, int, dict], dict] | None = None,
+        callback_on_step_end: Callable[["MotionGuidedVideoPipeline", int, int, dict], dict] | PipelineCallback
+        | MultiPipelineCallbacks | None = None,
         callback_on_step_end_tensor_inputs: Sequence[str] = ("latents",),
     ) -> MotionGuidedVideoPipelineOutput | tuple:
         r"""Generate videos, optionally copying the motion of ``reference_video``.
@@ -286,8 +386,11 @@ class MotionGuidedVideoPipeline(DiffusionPipeline):
         Args:
             prompt, negative_prompt, prompt_embeds, negative_prompt_embeds, guidance_scale, clip_skip,
             cross_attention_kwargs, num_videos_per_prompt, eta, generator, latents, decode_chunk_size: as in
-                diffusers' ``AnimateDiffPipeline``. Unconditional models (no text encoder) take no prompt and skip
-                classifier-free guidance.
+                diffusers' ``AnimateDiffPipeline``. Without a text encoder (unconditional models such as the shipped
+                video-digits) a ``prompt`` / ``negative_prompt`` raises a ``ValueError``: pass ``prompt_embeds``
+                instead, or nothing for an unconditional video (zero embeds). Classifier-free guidance
+                (``guidance_scale > 1``) needs an unconditional branch: a text encoder or ``negative_prompt_embeds``;
+                without one it is skipped (with a warning when ``prompt_embeds`` were given).
             num_frames (`int`, *optional*): frames per video (default: the reference's length, else 16).
             height, width (`int`, *optional*): output size (default: the UNet's sample size times the VAE factor).
             num_inference_steps (`int`, defaults to 50): denoising steps (>= 1).
@@ -300,13 +403,24 @@ class MotionGuidedVideoPipeline(DiffusionPipeline):
                 "ddim_inversion+lowfreq_mix" (low frequencies of the inverted latent, high ones fresh).
             lowfreq_cutoff (`float`, defaults to 0.25): FreeInit's d_s = d_t of the Butterworth filter.
             output_type (`str`, defaults to "pil"): "pil", "np", "pt" or "latent".
-            callback_on_step_end: called as ``fn(pipe, step, timestep, {name: tensor})`` after every step; may
-                return replacement tensors.
+            return_dict (`bool`, defaults to True): return a [`MotionGuidedVideoPipelineOutput`]; False returns
+                ``(frames,)`` as AnimateDiffPipeline does (the motion loss and guidance memory are only on the
+                output object).
+            callback_on_step_end: called as ``fn(pipe, step, timestep, {name: tensor})`` after every step (or a
+                diffusers ``PipelineCallback`` / ``MultiPipelineCallbacks``); may return replacement tensors. The
+                pipeline's ``guidance_scale``, ``do_classifier_free_guidance``, ``num_timesteps``,
+                ``cross_attention_kwargs`` and ``clip_skip`` are readable there, and setting ``pipe._interrupt = True``
+                skips the remaining steps.
+            callback_on_step_end_tensor_inputs (`list[str]`, defaults to ["latents"]): the tensors passed to the
+                callback, from ``_callback_tensor_inputs`` (an unknown name raises a ``ValueError`` before anything
+                runs).
 
         Returns:
-            [`MotionGuidedVideoPipelineOutput`] (frames, the per-step motion loss and the guidance memory), or a
-            tuple with the frames first when ``return_dict=False``.
+            [`MotionGuidedVideoPipelineOutput`] (frames, the per-step motion loss and the guidance memory), or
+            ``(frames,)`` when ``return_dict=False``.
         """
+        if isinstance(callback_on_step_end, (PipelineCallback, MultiPipelineCallbacks)):
+            callback_on_step_end_tensor_inputs = callback_on_step_end.tensor_inputs
         if reference_video is not None and num_frames is None:
             from gensample.video.io import load_video
 
@@ -326,13 +440,24 @@ class MotionGuidedVideoPipeline(DiffusionPipeline):
             batch_size = 1
         total = batch_size * num_videos_per_prompt
         self.check_inputs(num_frames, height, width, num_inference_steps, output_type, init_noise, motion_guidance,
-                          reference_video, latents, total)
+                          reference_video, latents, total, prompt=prompt, negative_prompt=negative_prompt,
+                          prompt_embeds=prompt_embeds, negative_prompt_embeds=negative_prompt_embeds,
+                          callback_on_step_end_tensor_inputs=callback_on_step_end_tensor_inputs)
+        self._guidance_scale = guidance_scale
+        self._clip_skip = clip_skip
+        self._cross_attention_kwargs = cross_attention_kwargs
+        self._interrupt = False
+        self._has_negative_branch = self._can_encode_text or negative_prompt_embeds is not None
+        if guidance_scale > 1 and not self._has_negative_branch and prompt_embeds is not None:
+            logger.warning(f"guidance_scale={guidance_scale} is ignored: classifier-free guidance needs "
+                           "`negative_prompt_embeds` (or a text encoder to encode the negative prompt); running "
+                           "with `prompt_embeds` alone.")
         device = self._execution_device
-        do_cfg = guidance_scale > 1 and (self.text_encoder is not None or negative_prompt_embeds is not None)
+        do_cfg = self.do_classifier_free_guidance
 
         prompt_embeds, negative_prompt_embeds = self.encode_prompt(
             prompt, device, num_videos_per_prompt, do_cfg, negative_prompt, prompt_embeds, negative_prompt_embeds,
-            lora_scale=(cross_attention_kwargs or {}).get("scale"), clip_skip=clip_skip)
+            lora_scale=(cross_attention_kwargs or {}).get("scale"), clip_skip=self.clip_skip)
         cond_embeds = prompt_embeds
         uncond_single = (negative_prompt_embeds if negative_prompt_embeds is not None else prompt_embeds)[:1]
         if do_cfg:
@@ -341,11 +466,12 @@ class MotionGuidedVideoPipeline(DiffusionPipeline):
             prompt_embeds = prompt_embeds.repeat_interleave(repeats=num_frames, dim=0)
             cond_embeds = cond_embeds.repeat_interleave(repeats=num_frames, dim=0)
             uncond_single = uncond_single.repeat_interleave(repeats=num_frames, dim=0)
-        if self.text_encoder is None and negative_prompt_embeds is None:
+        if not self._can_encode_text and negative_prompt_embeds is None:
             uncond_single = torch.zeros_like(uncond_single)
 
         self.scheduler.set_timesteps(num_inference_steps, device=device)
         timesteps = self.scheduler.timesteps
+        self._num_timesteps = len(timesteps)
         shape = (total, self.unet.config.in_channels, num_frames, height // self.vae_scale_factor,
                  width // self.vae_scale_factor)
         if latents is None:
@@ -414,6 +540,8 @@ class MotionGuidedVideoPipeline(DiffusionPipeline):
                 recorder.__enter__()
             with self.progress_bar(total=len(timesteps)) as progress_bar:
                 for i, t in enumerate(timesteps):
+                    if self.interrupt:
+                        continue
                     grad = None
                     if i < guided_steps:
                         if config.reference_mode == "inverted":
@@ -434,11 +562,13 @@ class MotionGuidedVideoPipeline(DiffusionPipeline):
                         noise_pred = self.correct_prediction(noise_pred, weight * grad, t)
                     latents = self.scheduler.step(noise_pred, t, latents, **extra_step_kwargs).prev_sample
                     if callback_on_step_end is not None:
-                        tensors = {"latents": latents, "prompt_embeds": prompt_embeds}
+                        tensors = {"latents": latents, "prompt_embeds": prompt_embeds,
+                                   "negative_prompt_embeds": negative_prompt_embeds}
                         outputs = callback_on_step_end(self, i, t, {k: tensors[k]
                                                                     for k in callback_on_step_end_tensor_inputs})
                         latents = outputs.pop("latents", latents)
                         prompt_embeds = outputs.pop("prompt_embeds", prompt_embeds)
+                        negative_prompt_embeds = outputs.pop("negative_prompt_embeds", negative_prompt_embeds)
                     progress_bar.update()
         finally:
             if recorder is not None:
@@ -453,5 +583,5 @@ class MotionGuidedVideoPipeline(DiffusionPipeline):
                                                            output_type=output_type)
         self.maybe_free_model_hooks()
         if not return_dict:
-            return (video, motion_loss, peak_saved)
+            return (video,)
         return MotionGuidedVideoPipelineOutput(frames=video, motion_loss=motion_loss, guidance_saved_bytes=peak_saved)
