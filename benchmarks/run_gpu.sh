@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU benchmark run (about 3-5 minutes on an H200; each step has a hard timeout, in all < 10 min):
-#   1. fused sampler kernels vs PyTorch references, GB/s against the peak bandwidth (bench_kernels.py);
+#   1. fused sampler kernels vs PyTorch references, GB/s against the peak bandwidth (bench_kernels.py), then
+#      measured vs predicted time (the roofline + launch-overhead model of compile_kernels.py, benchmarks/RESULTS.md);
 #   2. pipeline latency at batch 1/16/256: diffusers vs our standard pipeline vs the fast path, eager and with
 #      CUDA-graph capture (bench_sampling.py).
 # Usage:  bash benchmarks/run_gpu.sh            (env: PEAK_BW=4.8e12  PRESET=cifar10|imagenet64  OUT=dir)
@@ -29,9 +30,13 @@ status=0
 echo "== kernels (fp32 state) =="
 timeout 150 python benchmarks/bench_kernels.py --device cuda --peak-bw "$PEAK_BW" \
     --json "$OUT_DIR/kernels_fp32.json" | tee "$OUT_DIR/kernels_fp32.md" || status=1
+python benchmarks/compile_kernels.py --compare "$OUT_DIR/kernels_fp32.json" \
+    | tee "$OUT_DIR/kernels_fp32_vs_predicted.md" || status=1
 echo "== kernels (fp32 state, bf16 network) =="
 timeout 90 python benchmarks/bench_kernels.py --device cuda --peak-bw "$PEAK_BW" --net-dtype bfloat16 \
     --numel 786432 3145728 67108864 --json "$OUT_DIR/kernels_bf16net.json" | tee "$OUT_DIR/kernels_bf16net.md" || status=1
+python benchmarks/compile_kernels.py --compare "$OUT_DIR/kernels_bf16net.json" \
+    | tee "$OUT_DIR/kernels_bf16net_vs_predicted.md" || status=1
 echo "== pipelines ($PRESET) =="
 timeout 300 python benchmarks/bench_sampling.py --device cuda --preset "$PRESET" --batch-sizes 1 16 256 \
     --steps 1 2 4 --repeats 10 --json "$OUT_DIR/sampling.json" | tee "$OUT_DIR/sampling.md" || status=1

@@ -28,7 +28,10 @@ COMMANDS = (sample, video, demo, fid)
 
 def build_parser() -> argparse.ArgumentParser:
     """The full ``gensample`` parser; each leaf subcommand has ``func`` set to its handler."""
+    from .. import __version__
+
     parser = argparse.ArgumentParser(prog="gensample", description=DESCRIPTION)
+    parser.add_argument("--version", action="version", version=f"gensample {__version__}")
     sub = parser.add_subparsers(dest="command", required=True)
     train = sub.add_parser("train", help="train a model")
     train_sub = train.add_subparsers(dest="method", required=True)

@@ -52,66 +52,130 @@ def _clamp_unit(v):
 
 
 @triton.jit
-def _renoise(d, x, z_ptr, seed_ptr, offs, mask, rng_offset, std, NOISE: tl.constexpr):
+def _load(ptr, offs, n_elements, MASKED: tl.constexpr):
+    """``ptr[offs]``, masked to ``offs < n_elements`` only where a block may run past the end."""
+    if MASKED:
+        return tl.load(ptr + offs, mask=offs < n_elements, other=0.0)
+    else:
+        return tl.load(ptr + offs)
+
+
+@triton.jit
+def _store(ptr, offs, value, n_elements, MASKED: tl.constexpr):
+    if MASKED:
+        tl.store(ptr + offs, value, mask=offs < n_elements)
+    else:
+        tl.store(ptr + offs, value)
+
+
+@triton.jit
+def _renoise(d, x, z_ptr, seed_ptr, offs, n_elements, rng_offset, std, NOISE: tl.constexpr, MASKED: tl.constexpr):
     """d + std z, with z read from ``z_ptr`` or drawn by Philox at counter ``offs + rng_offset``."""
     if NOISE == 1:
-        z = tl.load(z_ptr + offs, mask=mask, other=0.0).to(x.dtype).to(tl.float32)
+        z = _load(z_ptr, offs, n_elements, MASKED).to(x.dtype).to(tl.float32)
     else:
         seed = tl.load(seed_ptr)
         z = tl.randn(seed, offs + rng_offset).to(x.dtype).to(tl.float32)
     return _rnd(d + _rnd(std * z, x), x)
 
 
+# Vectorised (128-bit) loads and stores need a mask that is constant over each thread's 16-byte chunk. Triton proves
+# that from ``n_elements`` being a multiple of 16 (a launch specialises integer arguments on that), so for every such
+# size the masked body compiles to ld/st.global.v4. For other sizes (TAIL_SPLIT, decided by the launcher), the masked
+# body would load scalars, so the full blocks run an unmasked copy of the body and only the last block the masked
+# one. Both bodies do the same arithmetic on the same elements: the results are the same bits.
 @triton.jit
-def _consistency_step_kernel(x_ptr, f_ptr, z_ptr, seed_ptr, next_ptr, den_ptr, n_elements, rng_offset,
-                             c_skip, c_out, std,
-                             CLIP: tl.constexpr, NOISE: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    """CM Algorithm 1 step: den = clamp(c_skip x + c_out F); next = den + std z."""
-    pid = tl.program_id(0).to(tl.int64)
-    offs = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-    mask = offs < n_elements
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-    f = tl.load(f_ptr + offs, mask=mask, other=0.0).to(x.dtype).to(tl.float32)
+def _consistency_body(x_ptr, f_ptr, z_ptr, seed_ptr, next_ptr, den_ptr, offs, n_elements, rng_offset,
+                      c_skip, c_out, std, CLIP: tl.constexpr, NOISE: tl.constexpr, MASKED: tl.constexpr):
+    x = _load(x_ptr, offs, n_elements, MASKED)
+    f = _load(f_ptr, offs, n_elements, MASKED).to(x.dtype).to(tl.float32)
     xf = x.to(tl.float32)
     d = _rnd(_rnd(c_skip * xf, x) + _rnd(c_out * f, x), x)
     if CLIP:
         d = _clamp_unit(d)
-    tl.store(den_ptr + offs, d.to(x.dtype), mask=mask)
+    _store(den_ptr, offs, d.to(x.dtype), n_elements, MASKED)
     if NOISE != 0:
-        nxt = _renoise(d, x, z_ptr, seed_ptr, offs, mask, rng_offset, std, NOISE)
-        tl.store(next_ptr + offs, nxt.to(x.dtype), mask=mask)
+        nxt = _renoise(d, x, z_ptr, seed_ptr, offs, n_elements, rng_offset, std, NOISE, MASKED)
+        _store(next_ptr, offs, nxt.to(x.dtype), n_elements, MASKED)
 
 
 @triton.jit
-def _ctm_gamma_step_kernel(x_ptr, f_ptr, z_ptr, seed_ptr, next_ptr, jump_ptr, n_elements, rng_offset,
-                           c_skip, c_out, jump_ratio, jump_complement, std,
-                           CLIP: tl.constexpr, NOISE: tl.constexpr, BLOCK_SIZE: tl.constexpr):
-    """CTM gamma step: g = c_skip x + c_out F; G = (s/t) x + (1 - s/t) g; next = G + std z."""
+def _consistency_step_kernel(x_ptr, f_ptr, z_ptr, seed_ptr, next_ptr, den_ptr, n_elements, rng_offset,
+                             c_skip, c_out, std,
+                             CLIP: tl.constexpr, NOISE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                             TAIL_SPLIT: tl.constexpr = False):
+    """CM Algorithm 1 step: den = clamp(c_skip x + c_out F); next = den + std z."""
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-    mask = offs < n_elements
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-    f = tl.load(f_ptr + offs, mask=mask, other=0.0).to(x.dtype).to(tl.float32)
+    if TAIL_SPLIT:
+        if (pid + 1) * BLOCK_SIZE <= n_elements:
+            _consistency_body(x_ptr, f_ptr, z_ptr, seed_ptr, next_ptr, den_ptr, offs, n_elements, rng_offset,
+                              c_skip, c_out, std, CLIP, NOISE, False)
+        else:
+            _consistency_body(x_ptr, f_ptr, z_ptr, seed_ptr, next_ptr, den_ptr, offs, n_elements, rng_offset,
+                              c_skip, c_out, std, CLIP, NOISE, True)
+    else:
+        _consistency_body(x_ptr, f_ptr, z_ptr, seed_ptr, next_ptr, den_ptr, offs, n_elements, rng_offset,
+                          c_skip, c_out, std, CLIP, NOISE, True)
+
+
+@triton.jit
+def _ctm_gamma_body(x_ptr, f_ptr, z_ptr, seed_ptr, next_ptr, jump_ptr, offs, n_elements, rng_offset,
+                    c_skip, c_out, jump_ratio, jump_complement, std,
+                    CLIP: tl.constexpr, NOISE: tl.constexpr, MASKED: tl.constexpr):
+    x = _load(x_ptr, offs, n_elements, MASKED)
+    f = _load(f_ptr, offs, n_elements, MASKED).to(x.dtype).to(tl.float32)
     xf = x.to(tl.float32)
     g = _rnd(_rnd(c_skip * xf, x) + _rnd(c_out * f, x), x)
     if CLIP:
         g = _clamp_unit(g)
     jumped = _rnd(_rnd(jump_ratio * xf, x) + _rnd(jump_complement * g, x), x)
-    tl.store(jump_ptr + offs, jumped.to(x.dtype), mask=mask)
+    _store(jump_ptr, offs, jumped.to(x.dtype), n_elements, MASKED)
     if NOISE != 0:
-        nxt = _renoise(jumped, x, z_ptr, seed_ptr, offs, mask, rng_offset, std, NOISE)
-        tl.store(next_ptr + offs, nxt.to(x.dtype), mask=mask)
+        nxt = _renoise(jumped, x, z_ptr, seed_ptr, offs, n_elements, rng_offset, std, NOISE, MASKED)
+        _store(next_ptr, offs, nxt.to(x.dtype), n_elements, MASKED)
 
 
 @triton.jit
-def _scale_input_kernel(x_ptr, out_ptr, n_elements, c_in, BLOCK_SIZE: tl.constexpr):
+def _ctm_gamma_step_kernel(x_ptr, f_ptr, z_ptr, seed_ptr, next_ptr, jump_ptr, n_elements, rng_offset,
+                           c_skip, c_out, jump_ratio, jump_complement, std,
+                           CLIP: tl.constexpr, NOISE: tl.constexpr, BLOCK_SIZE: tl.constexpr,
+                           TAIL_SPLIT: tl.constexpr = False):
+    """CTM gamma step: g = c_skip x + c_out F; G = (s/t) x + (1 - s/t) g; next = G + std z."""
+    pid = tl.program_id(0).to(tl.int64)
+    offs = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
+    if TAIL_SPLIT:
+        if (pid + 1) * BLOCK_SIZE <= n_elements:
+            _ctm_gamma_body(x_ptr, f_ptr, z_ptr, seed_ptr, next_ptr, jump_ptr, offs, n_elements, rng_offset,
+                            c_skip, c_out, jump_ratio, jump_complement, std, CLIP, NOISE, False)
+        else:
+            _ctm_gamma_body(x_ptr, f_ptr, z_ptr, seed_ptr, next_ptr, jump_ptr, offs, n_elements, rng_offset,
+                            c_skip, c_out, jump_ratio, jump_complement, std, CLIP, NOISE, True)
+    else:
+        _ctm_gamma_body(x_ptr, f_ptr, z_ptr, seed_ptr, next_ptr, jump_ptr, offs, n_elements, rng_offset,
+                        c_skip, c_out, jump_ratio, jump_complement, std, CLIP, NOISE, True)
+
+
+@triton.jit
+def _scale_input_body(x_ptr, out_ptr, offs, n_elements, c_in, MASKED: tl.constexpr):
+    x = _load(x_ptr, offs, n_elements, MASKED)
+    y = (c_in * x.to(tl.float32)).to(x.dtype)
+    _store(out_ptr, offs, y.to(out_ptr.dtype.element_ty), n_elements, MASKED)
+
+
+@triton.jit
+def _scale_input_kernel(x_ptr, out_ptr, n_elements, c_in, BLOCK_SIZE: tl.constexpr,
+                        TAIL_SPLIT: tl.constexpr = False):
     """out = (c_in x) rounded to the state dtype, then cast to the network dtype of ``out_ptr``."""
     pid = tl.program_id(0).to(tl.int64)
     offs = pid * BLOCK_SIZE + tl.arange(0, BLOCK_SIZE)
-    mask = offs < n_elements
-    x = tl.load(x_ptr + offs, mask=mask, other=0.0)
-    y = (c_in * x.to(tl.float32)).to(x.dtype)
-    tl.store(out_ptr + offs, y.to(out_ptr.dtype.element_ty), mask=mask)
+    if TAIL_SPLIT:
+        if (pid + 1) * BLOCK_SIZE <= n_elements:
+            _scale_input_body(x_ptr, out_ptr, offs, n_elements, c_in, False)
+        else:
+            _scale_input_body(x_ptr, out_ptr, offs, n_elements, c_in, True)
+    else:
+        _scale_input_body(x_ptr, out_ptr, offs, n_elements, c_in, True)
 
 
 # ---------------------------------------------------------------------------------------------------------------------
@@ -128,6 +192,13 @@ def _same_layout(ref: torch.Tensor, *others: torch.Tensor | None) -> tuple[torch
         ref, fmt = ref.contiguous(), torch.contiguous_format
     return (ref, *(t if t is None or t.is_contiguous(memory_format=fmt) else t.contiguous(memory_format=fmt)
                    for t in others))
+
+
+def _tail_split(n: int) -> bool:
+    """True when ``n`` is not a multiple of 16 (so a masked block could not use 128-bit accesses) and spans more than
+    one block: the kernels then mask only their last block (see the comment above ``_consistency_body``). Every other
+    size compiles to the single masked body, as before."""
+    return n % 16 != 0 and n > BLOCK
 
 
 def _check_dtype(sample: torch.Tensor) -> None:
@@ -177,7 +248,8 @@ def consistency_step_triton(
         sample, model_output, noise if noise is not None else sample, seed, nxt, denoised, n, int(rng_offset),
         float(_cast(coefficients.c_skip, dt)), float(_cast(coefficients.c_out, dt)),
         float(_cast(coefficients.std, dt)),
-        CLIP=bool(clip_denoised), NOISE=mode, BLOCK_SIZE=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False,
+        CLIP=bool(clip_denoised), NOISE=mode, BLOCK_SIZE=BLOCK, TAIL_SPLIT=_tail_split(n), num_warps=NUM_WARPS,
+        enable_fp_fusion=False,
     )
     return nxt, denoised
 
@@ -207,7 +279,8 @@ def ctm_gamma_step_triton(
         float(_cast(coefficients.c_skip, dt)), float(_cast(coefficients.c_out, dt)),
         float(_cast(coefficients.jump_ratio, dt)), float(_cast(coefficients.jump_complement, dt)),
         float(_cast(coefficients.std, dt)),
-        CLIP=bool(clip_denoised), NOISE=mode, BLOCK_SIZE=BLOCK, num_warps=NUM_WARPS, enable_fp_fusion=False,
+        CLIP=bool(clip_denoised), NOISE=mode, BLOCK_SIZE=BLOCK, TAIL_SPLIT=_tail_split(n), num_warps=NUM_WARPS,
+        enable_fp_fusion=False,
     )
     return nxt, jumped
 
@@ -222,7 +295,7 @@ def scale_input_triton(sample: torch.Tensor, c_in: float, out_dtype: torch.dtype
     out = torch.empty_like(sample, dtype=out_dtype)
     n = sample.numel()
     _scale_input_kernel[(triton.cdiv(n, BLOCK),)](
-        sample, out, n, float(_cast(c_in, sample.dtype)), BLOCK_SIZE=BLOCK, num_warps=NUM_WARPS,
-        enable_fp_fusion=False,
+        sample, out, n, float(_cast(c_in, sample.dtype)), BLOCK_SIZE=BLOCK, TAIL_SPLIT=_tail_split(n),
+        num_warps=NUM_WARPS, enable_fp_fusion=False,
     )
     return out
