@@ -2,7 +2,7 @@
 "gamma-sampling"; sony/ctm ``cm/sample_util.py`` ``sample_exact``, ``sample_gamma_multistep``, ``sample_multistep``)
 as a diffusers scheduler over the trajectory function G(x, t, s) of :mod:`gensample.core.parametrization`.
 
-For sampling levels sigma_0 > sigma_1 > ... > sigma_{n-1} and sigma_n = sigma_min, step i is (reference sec. 1.7)
+For sampling levels sigma_0 > sigma_1 > ... > sigma_{n-1} and sigma_n = sigma_min, step i is (``sample_gamma_multistep``)
 
     s_i    = sqrt(1 - gamma^2) (sigma_{i+1} - sigma_min) + sigma_min       (jump target; the model's 2nd time input)
     x~     = G(x, sigma_i, s_i) = (s_i/sigma_i) x + (1 - s_i/sigma_i) g(x, sigma_i, s_i)
