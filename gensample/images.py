@@ -15,15 +15,23 @@ def image_grid(images: torch.Tensor, nrow: int | None = None, upscale: int | Non
     if images.ndim != 4:
         raise ValueError(f"images must be NCHW, got shape {tuple(images.shape)}.")
     n, c, h, w = images.shape
+    if n == 0:
+        raise ValueError("images is empty; pass at least one image.")
     nrow = nrow or math.ceil(math.sqrt(n))
     ncol = math.ceil(n / nrow)
     if upscale is None:
         upscale = max(1, 64 // max(h, w))
+    H, W = h * upscale, w * upscale
+    height, width = ncol * (H + padding) + padding, nrow * (W + padding) + padding
+    limit = Image.MAX_IMAGE_PIXELS
+    if limit is not None and height * width > 2 * limit:
+        raise ValueError(f"a grid of {n} images would be {width}x{height} px, larger than Pillow opens again "
+                         f"({2 * limit} px, PIL.Image.MAX_IMAGE_PIXELS x 2); show fewer images (`gensample sample "
+                         "--grid-images`) and write all of them with --save-images.")
     arr = (images.detach().float().clamp(0, 1).cpu().numpy() * 255).round().astype(np.uint8)
     if c == 1:
         arr = np.repeat(arr, 3, axis=1)
-    H, W = h * upscale, w * upscale
-    canvas = np.full((ncol * (H + padding) + padding, nrow * (W + padding) + padding, 3), 255, np.uint8)
+    canvas = np.full((height, width, 3), 255, np.uint8)
     for k in range(n):
         r, q = divmod(k, nrow)
         tile = arr[k].transpose(1, 2, 0).repeat(upscale, 0).repeat(upscale, 1)

@@ -44,7 +44,7 @@ class ConsistencyPipeline(GensamplePipeline, FastSamplingMixin):
 
     def check_inputs(self, batch_size, num_inference_steps, timesteps, sigmas, latents, generator, output_type,
                      callback_on_step_end_tensor_inputs, class_labels):
-        check_schedule_source(num_inference_steps, timesteps, sigmas)
+        check_schedule_source(num_inference_steps, timesteps, sigmas, self.scheduler)
         check_sampling_inputs(self, batch_size, self.latent_shape, latents, generator, output_type,
                               callback_on_step_end_tensor_inputs, class_labels)
 

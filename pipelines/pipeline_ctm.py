@@ -1,5 +1,5 @@
 """CTMPipeline: sampling from a Consistency Trajectory Model (Kim et al., ICLR 2024) with gamma-sampling or with
-score-based EDM Heun sampling through the student's denoiser g(x, t, t) (reference sec. 1.7)."""
+score-based EDM Heun sampling through the student's denoiser g(x, t, t) (sony/ctm ``cm/sample_util.py``)."""
 from __future__ import annotations
 
 from typing import Any, Callable, Sequence
@@ -43,7 +43,7 @@ class CTMPipeline(GensamplePipeline):
     g = c_skip(t) x + c_out(t) F(c_in(t) x, c_noise(t), c_noise(s))
     (:class:`gensample.core.parametrization.TrajectoryFunction`).
 
-    Two samplers (CTM sec. 4 / reference sec. 1.7):
+    Two samplers (CTM sec. 4; sony/ctm ``cm/sample_util.py``):
 
     * ``sampler="gamma"`` (default): gamma-sampling with :class:`CTMScheduler`; n steps cost n network evaluations.
       gamma = 0 makes deterministic long jumps G(x, sigma_i, sigma_{i+1}), gamma = 1 is CM multistep sampling.
@@ -75,7 +75,7 @@ class CTMPipeline(GensamplePipeline):
         """Raise a ValueError that says the fix for any invalid argument of :meth:`__call__`."""
         if sampler not in SAMPLERS:
             raise ValueError(f"`sampler` must be one of {SAMPLERS}, got {sampler!r}.")
-        check_schedule_source(num_inference_steps, timesteps, sigmas)
+        check_schedule_source(num_inference_steps, timesteps, sigmas, self.scheduler)
         if sampler == "heun":
             if gamma is not None:
                 raise ValueError("`gamma` applies to sampler='gamma' only; sampler='heun' is deterministic. Drop "

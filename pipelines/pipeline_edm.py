@@ -98,7 +98,7 @@ class EDMPipeline(GensamplePipeline):
 
     def check_inputs(self, batch_size, num_inference_steps, sigmas, latents, generator, output_type,
                      callback_on_step_end_tensor_inputs, class_labels):
-        check_schedule_source(num_inference_steps, None, sigmas)
+        check_schedule_source(num_inference_steps, None, sigmas, self.scheduler)
         if sigmas is not None and not isinstance(self.scheduler, EDMHeunScheduler):
             raise ValueError(
                 f"`sigmas` (noise levels) need EDMHeunScheduler; {type(self.scheduler).__name__}.set_timesteps reads "

@@ -268,6 +268,12 @@ class MotionGuidedVideoPipeline(DiffusionPipeline):
         check_num_inference_steps(num_inference_steps)
         if num_frames < 2:
             raise ValueError(f"`num_frames` must be >= 2 for a video, got {num_frames}.")
+        capacity = self.unet.config.get("motion_max_seq_length")  # UNetMotionModel: its temporal position table
+        if isinstance(capacity, int) and num_frames > capacity:
+            source = " (the length of `reference_video`)" if reference_video is not None else ""
+            raise ValueError(f"`num_frames` = {num_frames}{source} is more than this model takes: {capacity} frames "
+                             "(unet.config.motion_max_seq_length, the length of its temporal position embeddings); "
+                             f"trim the reference to at most {capacity} frames, or pass num_frames <= {capacity}.")
         if height % self.vae_scale_factor or width % self.vae_scale_factor:
             raise ValueError(f"`height` and `width` must be divisible by {self.vae_scale_factor}, got {height}x{width}.")
         if output_type not in ("pil", "np", "pt", "latent"):

@@ -31,6 +31,8 @@ from diffusers.image_processor import VaeImageProcessor
 from diffusers.utils import logging
 from diffusers.utils.torch_utils import randn_tensor
 
+from .input_checks import as_latents
+
 __all__ = ["GENERIC_LOADING_KWARGS", "LOADER_MODULE", "GenericLoadingMixin", "GensamplePipeline", "clean_estimate",
            "descending", "loader_source", "write_loader"]
 
@@ -205,11 +207,12 @@ class GensamplePipeline(GenericLoadingMixin, DiffusionPipeline):
 
     def prepare_latents(self, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device, generator: Any,
                         latents: torch.Tensor | None = None, init_noise_sigma: float | None = None) -> torch.Tensor:
-        """Unit noise from ``generator`` (one generator per sample if a list) unless ``latents`` are given, on
-        ``device`` in ``dtype``, times ``init_noise_sigma`` (None: not scaled)."""
+        """Unit noise from ``generator`` (one generator per sample if a list) unless ``latents`` are given (a torch
+        tensor, or a numpy array, converted), on ``device`` in ``dtype``, times ``init_noise_sigma`` (None: not
+        scaled). The pipelines' ``check_inputs`` checked given latents' shape and finiteness."""
         if latents is None:
             latents = randn_tensor(shape, generator=generator, device=device, dtype=dtype)
-        latents = latents.to(device=device, dtype=dtype)
+        latents = as_latents(latents).to(device=device, dtype=dtype)
         if init_noise_sigma is not None:
             latents = latents * init_noise_sigma
         return latents

@@ -100,3 +100,84 @@ def test_accelerate_launch_two_processes(tmp_path):
     assert r0["rng"]["torch"] != r1["rng"]["torch"] and r0["sampler"] != r1["sampler"]
     state = json.loads((ck / "trainer_state.json").read_text())
     assert state["num_processes"] == 2
+
+
+# -- gensample sample at scale: per-image seeds, streaming, a capped grid (#18) ------------------------------------
+
+ICT = REPO / "assets" / "pipelines" / "ict-digits"
+
+
+def _sample(tmp_path, name: str, *flags: str) -> tuple[Path, list[bytes]]:
+    """Run `gensample sample` on the shipped iCT model (1 step); returns the grid path and the PNGs' bytes."""
+    folder = tmp_path / name
+    assert main(["sample", str(ICT), "--num-inference-steps", "1", "--output", str(folder / "grid.png"),
+                 "--save-images", str(folder / "images"), "--no-progress", *flags]) == 0
+    return folder / "grid.png", [p.read_bytes() for p in sorted((folder / "images").glob("*.png"))]
+
+
+def test_sample_images_do_not_depend_on_the_batch_size(tmp_path):
+    grid_a, a = _sample(tmp_path, "a", "--num-images", "10", "--batch-size", "3")
+    grid_b, b = _sample(tmp_path, "b", "--num-images", "10", "--batch-size", "10")
+    assert len(a) == 10 and a == b and grid_a.read_bytes() == grid_b.read_bytes()
+
+
+def test_sample_image_k_is_generated_from_seed_plus_k_as_fid_does(tmp_path):
+    import io
+
+    import numpy as np
+    import torch
+    from PIL import Image
+
+    from gensample.loading import load_pipeline
+    from gensample.metrics.fid import generate_images
+
+    _, seed0 = _sample(tmp_path, "s0", "--num-images", "10", "--seed", "0", "--batch-size", "4")
+    _, seed5 = _sample(tmp_path, "s5", "--num-images", "5", "--seed", "5", "--batch-size", "4")
+    # image k of --seed 5 is image 5 + k of --seed 0 (the seed names the image) ...
+    assert seed5 == seed0[5:]
+    # ... so runs over disjoint seed ranges share no image (the old per-batch seeding shared whole batches between
+    # --seed s and --seed s + batch_size)
+    assert not set(seed0[:5]) & set(seed5)
+    # and they are the images `gensample fid` evaluates for the same seed
+    pipe = load_pipeline(ICT)
+    fid_images = torch.cat(list(generate_images(pipe, range(10), seed=0, num_inference_steps=1, batch_size=7,
+                                                progress=False)))
+    ours = np.stack([np.asarray(Image.open(io.BytesIO(png))) for png in seed0])
+    assert np.array_equal(ours, fid_images[:, 0].numpy())
+
+
+def test_sample_streams_pngs_per_batch_and_caps_the_grid(tmp_path, monkeypatch, capsys):
+    from PIL import Image
+
+    import gensample.loading
+
+    grid, images = _sample(tmp_path, "capped", "--num-images", "10", "--batch-size", "4", "--grid-images", "6")
+    assert len(images) == 10
+    with Image.open(grid) as g:  # 6 images of 8 px upscaled to 64: 3 columns x 2 rows, 1 px padding
+        assert g.size == (3 * 65 + 1, 2 * 65 + 1)
+    assert "first 6 of 10 images" in capsys.readouterr().out
+
+    real_load = gensample.loading.load_pipeline
+
+    class FailsOnThirdBatch:
+        def __init__(self, pipe):
+            self.pipe, self.calls = pipe, 0
+
+        def __getattr__(self, name):
+            return getattr(self.pipe, name)
+
+        def __call__(self, *args, **kwargs):
+            self.calls += 1
+            if self.calls == 3:
+                raise KeyboardInterrupt  # a run stopped part-way
+            return self.pipe(*args, **kwargs)
+
+    monkeypatch.setattr(gensample.loading, "load_pipeline", lambda path: FailsOnThirdBatch(real_load(path)))
+    out = tmp_path / "stopped"
+    with pytest.raises(KeyboardInterrupt):
+        main(["sample", str(ICT), "--num-images", "12", "--batch-size", "4", "--output", str(out / "grid.png"),
+              "--save-images", str(out / "images"), "--no-progress"])
+    # the two finished batches are on disk already, and they are the images of the full run
+    written = sorted((out / "images").glob("*.png"))
+    assert [p.name for p in written] == [f"{k:06d}.png" for k in range(8)]
+    assert [p.read_bytes() for p in written] == images[:8]

@@ -12,6 +12,17 @@ import json
 from pathlib import Path
 
 from ..metrics.features import FEATURE_NAMES
+from ._common import _positive_int
+
+#: images a pipeline generates for ``gensample fid`` when --num-images is not given
+DEFAULT_NUM_IMAGES = 2000
+
+
+def _non_negative_int(value: str) -> int:
+    v = int(value)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0, got {v}")
+    return v
 
 __all__ = ["register", "run_fid", "run_fid_stats"]
 
@@ -24,7 +35,7 @@ def _add_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--inception-weights", type=Path, default=None,
                    help="pt_inception-2015-12-05-6726825d.pth (else $GENSAMPLE_INCEPTION_WEIGHTS, else the torch hub "
                         "cache checkpoints/ folder); never downloaded")
-    p.add_argument("--batch-size", type=int, default=250, help="images per generation / feature batch")
+    p.add_argument("--batch-size", type=_positive_int, default=250, help="images per generation / feature batch")
     p.add_argument("--seed", type=int, default=0, help="image i is generated from seed + i; also seeds KID subsets")
     p.add_argument("--device", default=None, help="torch device (default: cuda if available, else cpu)")
     p.add_argument("--no-progress", action="store_true", help="hide progress bars")
@@ -43,9 +54,11 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--images", type=Path, help="evaluate a folder of images (PNG, one size) instead of a pipeline")
     p.add_argument("--data", "--reference", dest="reference", default="digits", metavar="REF",
                    help="reference: 'digits' (train split), 'digits:heldout', a folder of images, or a stats .npz")
-    p.add_argument("--num-images", type=int, default=None,
-                   help="images to generate (default 2000) / to read from --images (default: all)")
-    p.add_argument("--num-inference-steps", type=int, nargs="+", default=[1], help="one evaluation per step count")
+    p.add_argument("--num-images", type=_positive_int, default=None,
+                   help=f"images to generate (>= 1; default {DEFAULT_NUM_IMAGES}) / to read from --images (default: "
+                        "all)")
+    p.add_argument("--num-inference-steps", type=_positive_int, nargs="+", default=[1],
+                   help="one evaluation per step count")
     p.add_argument("--output-json", type=Path, default=None, help="also write the results and protocol as JSON")
     _add_common(p)
     p.set_defaults(func=run_fid)
@@ -57,7 +70,7 @@ def register(subparsers: argparse._SubParsersAction) -> None:
     )
     s.add_argument("--data", required=True, help="'digits' (train split), 'digits:heldout', or a folder of images")
     s.add_argument("--output", type=Path, required=True, help="statistics file to write (.npz)")
-    s.add_argument("--kid-features", type=int, default=5000,
+    s.add_argument("--kid-features", type=_non_negative_int, default=5000,
                    help="keep up to this many raw features in the file for KID (0: none, KID unavailable)")
     _add_common(s)
     s.set_defaults(func=run_fid_stats)
@@ -76,7 +89,8 @@ def run_fid(args: argparse.Namespace) -> int:
     if (args.pipeline is None) == (args.images is None):
         raise SystemExit("gensample fid: give either a PIPELINE folder or --images FOLDER (not both).")
     device = _device(args.device)
-    evaluator = FIDEvaluator(args.reference, args.feature, args.num_images or 2000, args.num_inference_steps,
+    num_images = DEFAULT_NUM_IMAGES if args.num_images is None else args.num_images
+    evaluator = FIDEvaluator(args.reference, args.feature, num_images, args.num_inference_steps,
                              args.batch_size, args.seed, args.inception_weights, not args.no_progress, device)
     results = []
     if args.images is not None:
@@ -86,7 +100,7 @@ def run_fid(args: argparse.Namespace) -> int:
 
         pipeline = load_pipeline(args.pipeline).to(device)
         for steps in args.num_inference_steps:
-            results.append(evaluator.evaluate(pipeline, args.num_images or 2000, steps))
+            results.append(evaluator.evaluate(pipeline, num_images, steps))
     for r in results:
         print(r.summary())
     protocol = {k: v for k, v in results[0].protocol.items() if k not in ("num_inference_steps", "fid_scipy")}

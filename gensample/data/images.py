@@ -33,8 +33,12 @@ def load_image_folder(path: str | Path, resolution: int, channels: int = 3, prog
         raise ValueError(f"channels must be 1 or 3, got {channels}.")
     arrays = []
     for f in tqdm(files, desc="loading images", disable=not progress):
-        with Image.open(f) as img:
-            arrays.append(np.asarray(_resize_center_crop(img.convert(mode), resolution)))
+        try:
+            with Image.open(f) as img:
+                arrays.append(np.asarray(_resize_center_crop(img.convert(mode), resolution)))
+        except (OSError, SyntaxError, ValueError) as e:  # UnidentifiedImageError, truncated or damaged files
+            raise ValueError(f"--data {path}: {f} is not a readable image ({type(e).__name__}: {e}); remove or "
+                             "replace it.") from None
     x = torch.from_numpy(np.stack(arrays)).float()
     x = x.unsqueeze(1) if channels == 1 else x.permute(0, 3, 1, 2)
     return x / 127.5 - 1.0

@@ -32,6 +32,7 @@ import io
 import math
 import warnings
 import zipfile
+from zlib import error as zlib_error
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -149,17 +150,43 @@ class FeatureStats:
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"{path}: no such statistics file (make one with `gensample fid-stats`).")
-        with np.load(path, allow_pickle=False) as data:
-            if "mu" not in data or "sigma" not in data:
-                raise ValueError(f"{path} is not a statistics file: it needs arrays 'mu' and 'sigma' "
-                                 f"(found {sorted(data.files)}).")
-            get = lambda k, default: data[k][()] if k in data else default
-            mu, sigma = data["mu"].astype(np.float64), data["sigma"].astype(np.float64)
-            stats = cls(mu, sigma, int(get("num_images", 0)), str(get("extractor", "unknown")),
-                        str(get("extractor_sha256", "")), str(get("source", "")),
-                        data.get("features"), path)
+        remake = "make a new one with `gensample fid-stats` or pytorch-fid's --save-stats"
+        try:
+            data = np.load(path, allow_pickle=False)
+        except (OSError, EOFError, ValueError, zipfile.BadZipFile) as e:  # not a zip / truncated / object arrays
+            raise ValueError(f"{path} is not a readable statistics .npz ({type(e).__name__}: {e}); the file is "
+                             f"corrupt or of another format: {remake}.") from None
+        if not isinstance(data, np.lib.npyio.NpzFile):
+            raise ValueError(f"{path} holds a single array, not a statistics .npz with arrays 'mu' and 'sigma'; "
+                             f"{remake}.")
+        try:
+            with data:
+                if "mu" not in data or "sigma" not in data:
+                    raise ValueError(f"{path} is not a statistics file: it needs arrays 'mu' and 'sigma' "
+                                     f"(found {sorted(data.files)}).")
+                known = ("mu", "sigma", "num_images", "extractor", "extractor_sha256", "source", "features")
+                arrays = {k: data[k] for k in known if k in data.files}
+                bad = sorted(k for k, v in arrays.items() if not isinstance(v, np.ndarray))
+                if bad:  # a member that is not an .npy array comes back as raw bytes
+                    raise ValueError(f"{path}: members {bad} are not numpy arrays; the file is corrupt: {remake}.")
+                get = lambda k, default: arrays[k][()] if k in arrays else default
+                mu, sigma = arrays["mu"].astype(np.float64), arrays["sigma"].astype(np.float64)
+                stats = cls(mu, sigma, int(get("num_images", 0)), str(get("extractor", "unknown")),
+                            str(get("extractor_sha256", "")), str(get("source", "")),
+                            arrays.get("features"), path)
+        except (OSError, EOFError, KeyError, TypeError, zipfile.BadZipFile, zlib_error) as e:  # a damaged member
+            raise ValueError(f"{path}: cannot read its arrays ({type(e).__name__}: {e}); the file is corrupt: "
+                             f"{remake}.") from None
+        except ValueError as e:
+            if str(path) in str(e):
+                raise
+            raise ValueError(f"{path}: cannot read its arrays ({e}); {remake}.") from None
+        if stats.mu.ndim != 1 or stats.mu.shape[0] < 1:
+            raise ValueError(f"{path}: mu must be a vector (D,), got shape {stats.mu.shape}.")
         if stats.sigma.shape != (stats.dims, stats.dims):
             raise ValueError(f"{path}: sigma has shape {stats.sigma.shape}, expected {(stats.dims,) * 2}.")
+        if not (np.isfinite(stats.mu).all() and np.isfinite(stats.sigma).all()):
+            raise ValueError(f"{path}: mu or sigma holds NaN or inf values; {remake}.")
         return stats
 
     def check_compatible(self, extractor: nn.Module) -> None:
@@ -248,9 +275,13 @@ def load_image_files(folder: str | Path, num_images: int | None = None, progress
         raise ValueError(f"{folder}: no images found (looked for {', '.join(IMAGE_SUFFIXES)}).")
     arrays, gray = [], True
     for f in tqdm(files, desc=f"reading {folder.name}", disable=not progress):
-        with Image.open(f) as img:
-            gray &= img.mode in ("L", "1", "I;16", "LA")
-            arrays.append(np.asarray(img.convert("RGB")))
+        try:
+            with Image.open(f) as img:
+                gray &= img.mode in ("L", "1", "I;16", "LA")
+                arrays.append(np.asarray(img.convert("RGB")))
+        except (OSError, SyntaxError, ValueError) as e:  # UnidentifiedImageError, truncated or damaged files
+            raise ValueError(f"{f} is not a readable image ({type(e).__name__}: {e}); remove or replace it, or "
+                             f"evaluate a folder that holds only images.") from None
     shapes = {a.shape for a in arrays}
     if len(shapes) > 1:
         raise ValueError(f"{folder}: images have different sizes {sorted(shapes)[:4]}; resize them to one size first.")
@@ -272,6 +303,20 @@ def _sample_label(seed: int, index: int, num_classes: int) -> int:
     """Uniform class label of image ``index``, from its own stream (independent of the noise seed ``seed + index``)."""
     label_seed = int(np.random.SeedSequence([seed, index, 1]).generate_state(1, np.uint64)[0] >> 1)
     return int(torch.randint(num_classes, (1,), generator=torch.Generator().manual_seed(label_seed)))
+
+
+def per_image_inputs(pipeline, indices: Sequence[int], seed: int = 0) -> dict[str, Any]:
+    """The pipeline arguments that make image ``i`` depend on ``seed`` and ``i`` alone (not on the batch it is in):
+    ``generator`` = one ``torch.Generator().manual_seed(seed + i)`` per image, and for a class-conditional UNet
+    ``class_labels`` drawn uniformly per image from a separate stream. ``gensample fid`` and ``gensample sample``
+    both generate with these, so image ``i`` of one is image ``i`` of the other."""
+    indices = list(indices)
+    out: dict[str, Any] = {"generator": [torch.Generator().manual_seed(seed + i) for i in indices]}
+    unet = getattr(pipeline, "unet", None)
+    num_classes = getattr(getattr(unet, "config", None), "num_class_embeds", None)
+    if num_classes is not None:
+        out["class_labels"] = torch.tensor([_sample_label(seed, i, num_classes) for i in indices])
+    return out
 
 
 @contextlib.contextmanager
@@ -298,18 +343,13 @@ def generate_images(pipeline, indices: Sequence[int], seed: int = 0, num_inferen
     """Yield uint8 batches; image ``i`` uses ``torch.Generator().manual_seed(seed + i)`` (one generator per image);
     class-conditional UNets get per-image uniform labels from a separate seed stream."""
     indices = list(indices)
-    unet = getattr(pipeline, "unet", None)
-    num_classes = getattr(getattr(unet, "config", None), "num_class_embeds", None)
     with _sampling_mode(pipeline):
         for start in tqdm(range(0, len(indices), batch_size), desc=f"generating ({num_inference_steps}-step)",
                           disable=not progress):
             idx = indices[start:start + batch_size]
-            generators = [torch.Generator().manual_seed(seed + i) for i in idx]
-            kwargs = dict(pipeline_kwargs)
-            if num_classes is not None and "class_labels" not in kwargs:
-                kwargs["class_labels"] = torch.tensor([_sample_label(seed, i, num_classes) for i in idx])
-            images = pipeline(batch_size=len(idx), num_inference_steps=num_inference_steps, generator=generators,
-                              output_type="pt", **kwargs).images
+            kwargs = {**per_image_inputs(pipeline, idx, seed), **pipeline_kwargs}
+            images = pipeline(batch_size=len(idx), num_inference_steps=num_inference_steps, output_type="pt",
+                              **kwargs).images
             yield check_images(images, "pipeline output").cpu()
 
 
@@ -384,6 +424,9 @@ def compute_metrics(gen_features: torch.Tensor, reference: FeatureStats, kid_sub
     if len(gen) < 2:
         raise ValueError("need at least 2 generated images for FID.")
     d, n = reference.dims, reference.num_images
+    # torchmetrics computes mu = sum / n and Sigma = (cov_sum - n mu mu^T) / (n - 1): any n >= 2 gives back mu and
+    # Sigma, so a file with only mu/sigma (pytorch-fid / EDM layout, num_images unknown = 0) uses n = 2
+    n = n if n >= 2 else 2
     # sync_on_compute=False: features are already gathered; a torchmetrics all-gather here would double-count them
     # (and deadlock when only the main process computes)
     metric = FrechetInceptionDistance(feature=PrecomputedFeatures(d), sync_on_compute=False)
@@ -447,6 +490,12 @@ def _torchmetrics_version() -> str:
 _DIGITS_STATS: dict[tuple[str, str, str], FeatureStats] = {}  # the embedded set is fixed: cache per extractor
 
 
+def _check_count(value: Any, name: str) -> None:
+    """``value`` is an integer >= 1, else a ValueError naming ``name``."""
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+        raise ValueError(f"`{name}` must be an integer >= 1, got {value!r}.")
+
+
 class FIDEvaluator:
     """Reference statistics computed once; then FID/KID of pipelines, image tensors or folders against them.
 
@@ -461,6 +510,8 @@ class FIDEvaluator:
                  batch_size: int = 250, seed: int = 0, inception_weights: str | Path | None = None,
                  progress: bool = False, device: str | torch.device | None = None, distributed: bool = False,
                  kid_subset_size: int = 1000, kid_subsets: int = 100):
+        _check_count(num_images, "num_images")
+        _check_count(batch_size, "batch_size")
         self.reference = reference
         self.extractor = get_feature_extractor(feature, inception_weights, device)
         self.num_images, self.steps, self.batch_size, self.seed = num_images, tuple(steps), batch_size, seed
@@ -512,6 +563,8 @@ class FIDEvaluator:
 
     # -- generated / given images ---------------------------------------------------------------------------------
     def source_features(self, source, num_images: int | None = None, num_inference_steps: int = 1) -> torch.Tensor:
+        if num_images is not None:
+            _check_count(num_images, "num_images")
         if isinstance(source, torch.Tensor):
             if num_images is not None and num_images > len(source):
                 raise ValueError(f"asked for {num_images} images but the tensor holds {len(source)}.")
@@ -612,9 +665,11 @@ def fid(source, reference: str | Path | torch.Tensor | FeatureStats = "digits", 
     A pipeline generates ``num_images`` (default 2000) images with ``num_inference_steps`` steps, image ``i`` from
     seed ``seed + i``. See the module docstring for the protocol.
     """
+    if num_images is not None:
+        _check_count(num_images, "num_images")
     if device is None and not isinstance(source, (torch.Tensor, str, Path)):
         device = getattr(source, "device", None)
-    evaluator = FIDEvaluator(reference, feature, num_images or 2000, (num_inference_steps,), batch_size, seed,
+    evaluator = FIDEvaluator(reference, feature, 2000 if num_images is None else num_images, (num_inference_steps,), batch_size, seed,
                              inception_weights, progress, device)
     return evaluator.evaluate(source, num_images, num_inference_steps)
 

@@ -16,6 +16,8 @@ from __future__ import annotations
 
 import hashlib
 import os
+import pickle
+import re
 import warnings
 from pathlib import Path
 
@@ -225,14 +227,40 @@ def inception_weights_candidates(path: str | Path | None = None) -> list[Path]:
     return candidates
 
 
+def _unpickler_reason(message: str) -> str:
+    """The specific part of torch's weights-only refusal ("Unsupported global: GLOBAL x.Y", "Unsupported operand
+    103"), without its advice to load with weights_only=False."""
+    match = re.search(r"(Unsupported global: GLOBAL \S+|Unsupported operand \S+|invalid load key[^\n]*)", message)
+    if match:
+        return match.group(1).rstrip(".,")
+    lines = [line.strip() for line in message.splitlines() if line.strip()]
+    return lines[-1][:200] if lines else "UnpicklingError"
+
+
 def _read_state_dict(path: Path) -> dict[str, torch.Tensor]:
+    """The tensors of ``path`` (.safetensors, or a torch file read with ``weights_only=True``); ValueError naming the
+    file when it is damaged, holds pickled objects other than tensors, or is not a state dict."""
+    original = (f"pass the original {FID_WEIGHTS_NAME} (pytorch-fid's release, {FID_WEIGHTS_URL}), or a "
+                "safetensors file of its state dict")
     if path.suffix == ".safetensors":
+        from safetensors import SafetensorError
         from safetensors.torch import load_file
 
-        return load_file(str(path))
-    state = torch.load(path, map_location="cpu", weights_only=True)  # tensors only: no arbitrary unpickling
+        try:
+            return load_file(str(path))
+        except (SafetensorError, OSError) as e:
+            raise ValueError(f"{path} is not a readable safetensors file ({e}); {original}.") from None
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)  # tensors only: no arbitrary unpickling
+    except pickle.UnpicklingError as e:  # weights_only refused an object (a pickled model, a foreign class)
+        reason = _unpickler_reason(str(e))
+        raise ValueError(f"{path} is not a plain state dict of tensors: torch.load(weights_only=True) refused it "
+                         f"({reason}) and gensample never unpickles arbitrary objects; {original}.") from None
+    except (EOFError, RuntimeError) as e:  # truncated file, not a torch file
+        raise ValueError(f"{path} is not a readable torch weights file ({type(e).__name__}: "
+                         f"{str(e).strip().splitlines()[0] if str(e).strip() else ''}); {original}.") from None
     if not isinstance(state, dict):
-        raise TypeError(f"{path} does not hold a state dict (got {type(state).__name__}).")
+        raise ValueError(f"{path} does not hold a state dict (got {type(state).__name__}); {original}.")
     return state
 
 

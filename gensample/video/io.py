@@ -38,17 +38,32 @@ def _gif_frames(path: Path) -> list[Image.Image]:
     Pillow folds identical consecutive frames into one with the summed duration; :func:`save_gif` records its frame
     duration in the GIF comment, so such frames are expanded back here.
     """
-    with Image.open(path) as im:
-        comment = im.info.get("comment", b"")
-        tag = _FRAME_MS_TAG.search(comment if isinstance(comment, bytes) else str(comment).encode())
-        frame_ms = int(tag.group(1)) if tag else None
-        frames = []
-        for frame in ImageSequence.Iterator(im):
-            repeat = 1
-            if frame_ms:
-                repeat = max(1, round(frame.info.get("duration", frame_ms) / frame_ms))
-            rgb = frame.convert("RGB")
-            frames.extend([rgb] * repeat)
+    try:
+        im = Image.open(path)
+    except (OSError, SyntaxError, ValueError) as e:  # UnidentifiedImageError: not an image Pillow reads
+        raise ValueError(f"{path} is not a readable GIF or image ({type(e).__name__}: {e}); pass an animated GIF "
+                         "(or frames as a list of PIL images / an array).") from None
+    try:
+        return _read_gif_frames(im)
+    except (OSError, SyntaxError, ValueError, EOFError) as e:  # a damaged or truncated file
+        raise ValueError(f"{path}: cannot decode its frames ({type(e).__name__}: {e}); the file is damaged, pass "
+                         "another GIF.") from None
+    finally:
+        im.close()
+
+
+def _read_gif_frames(im: Image.Image) -> list[Image.Image]:
+    """The frames of an opened image, merged frames of :func:`save_gif` repeated (see :func:`_gif_frames`)."""
+    comment = im.info.get("comment", b"")
+    tag = _FRAME_MS_TAG.search(comment if isinstance(comment, bytes) else str(comment).encode())
+    frame_ms = int(tag.group(1)) if tag else None
+    frames = []
+    for frame in ImageSequence.Iterator(im):
+        repeat = 1
+        if frame_ms:
+            repeat = max(1, round(frame.info.get("duration", frame_ms) / frame_ms))
+        rgb = frame.convert("RGB")
+        frames.extend([rgb] * repeat)
     return frames
 
 
