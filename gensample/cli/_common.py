@@ -19,8 +19,13 @@ if TYPE_CHECKING:
     from ..metrics.fid import FIDEvaluator
     from ..training.trainer import TrainConfig, Trainer
 
-__all__ = ["_positive_int", "add_train_common", "fid_evaluator", "load_data_and_unet", "resume_target",
-           "run_training", "set_cpu_threads", "train_config"]
+__all__ = ["RESUME_HELP", "_non_negative_int", "_positive_int", "add_train_common", "fid_evaluator",
+           "load_data_and_unet", "resume_target", "run_training", "seed_everything", "set_cpu_threads", "train_config"]
+
+#: the help of every training command's --resume
+RESUME_HELP = ("continue a stopped run: 'latest' (the default when no value is given; the newest valid checkpoint, "
+               "an error when there is none), 'auto' (the same, but start from step 0 when the run has no checkpoint "
+               "yet), or a checkpoint-N / run folder")
 
 
 # The leading underscore stays: argparse names the type in its errors ("invalid _positive_int value: 'x'").
@@ -28,6 +33,22 @@ def _positive_int(value: str) -> int:
     v = int(value)
     if v < 1:
         raise argparse.ArgumentTypeError(f"must be >= 1, got {v}")
+    return v
+
+
+def _non_negative_int(value: str) -> int:
+    v = int(value)
+    if v < 0:
+        raise argparse.ArgumentTypeError(f"must be >= 0 (0: off), got {v}")
+    return v
+
+
+def _thread_count(value: str) -> int:
+    """``--threads``: torch CPU threads, an integer >= 1 (omit the flag for torch's default)."""
+    v = int(value)
+    if v < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1 (torch CPU threads; omit --threads for torch's default), "
+                                         f"got {v}")
     return v
 
 
@@ -57,27 +78,45 @@ def add_train_common(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ema-rate", type=float, default=0.999)
     p.add_argument("--mixed-precision", choices=["no", "fp16", "bf16"], default="no")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--checkpoint-every", type=int, default=500)
-    p.add_argument("--checkpoints-total-limit", type=int, default=3)
-    p.add_argument("--sample-every", type=int, default=0)
+    p.add_argument("--checkpoint-every", type=_non_negative_int, default=500,
+                   help="steps between checkpoints (0: only the final one)")
+    p.add_argument("--checkpoints-total-limit", type=_non_negative_int, default=3,
+                   help="valid checkpoints kept (0: all)")
+    p.add_argument("--sample-every", type=_non_negative_int, default=0)
     p.add_argument("--num-sample-images", type=_positive_int, default=64)
     p.add_argument("--log-every", type=_positive_int, default=10)
     p.add_argument("--report-to", default=None, help="accelerate tracker: tensorboard, wandb, ...")
-    p.add_argument("--resume", nargs="?", const="latest", default=None,
-                   help="continue a stopped run: 'latest' (default) or a checkpoint-N folder")
-    p.add_argument("--fid-every", type=int, default=0, help="log FID-digits of the EMA model every N steps")
+    p.add_argument("--resume", nargs="?", const="latest", default=None, help=RESUME_HELP)
+    p.add_argument("--fid-every", type=_non_negative_int, default=0,
+                   help="log FID-digits of the EMA model every N steps")
     p.add_argument("--fid-num-images", type=_positive_int, default=500)
     p.add_argument("--cpu", action="store_true", help="force CPU even where a GPU exists")
-    p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    p.add_argument("--threads", type=_thread_count, default=None, help="torch CPU threads (>= 1)")
     p.add_argument("--no-progress", action="store_true")
 
 
 def set_cpu_threads(args: argparse.Namespace) -> None:
     """Apply ``--threads`` first, so that data loading and model building already run with it."""
+    if args.threads is not None and args.threads < 1:  # commands that declare --threads with type=int
+        raise ValueError(f"--threads must be >= 1 (torch CPU threads; omit it for torch's default), got "
+                         f"{args.threads}.")
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
+
+
+def seed_everything(seed: int) -> None:
+    """Seed torch (CPU and CUDA), numpy and Python's ``random`` with ``--seed``. Every ``train`` command calls it
+    before it builds anything (data, networks), so that two runs with the same flags give the same weights."""
+    import random
+
+    import numpy as np
+    import torch
+
+    torch.manual_seed(seed)
+    np.random.seed(seed % 2**32)
+    random.seed(seed)
 
 
 def train_config(args: argparse.Namespace, extra: dict, **fields: Any) -> TrainConfig:
@@ -101,8 +140,9 @@ def train_config(args: argparse.Namespace, extra: dict, **fields: Any) -> TrainC
 
 
 def load_data_and_unet(args: argparse.Namespace) -> tuple[torch.Tensor, UNet2DModel]:
-    """The images of ``--data`` and a UNet for them: from ``--init-from``, else a fresh ``--model`` preset. Then seeds
-    torch with ``--seed``, which the training method built next draws from."""
+    """The images of ``--data`` and a UNet for them: from ``--init-from``, else a fresh ``--model`` preset initialised
+    from ``--seed`` (seeded right before it is built). Then seeds torch with ``--seed`` again, which the training
+    method built next draws from."""
     import torch
     from diffusers import UNet2DModel
 
@@ -120,6 +160,7 @@ def load_data_and_unet(args: argparse.Namespace) -> tuple[torch.Tensor, UNet2DMo
                              f" model but the data is {channels}x{resolution}; pass a matching --resolution.")
     else:
         overrides = {} if args.dropout is None else {"dropout": args.dropout}
+        seed_everything(args.seed)
         unet = build_unet(args.model, sample_size=resolution, in_channels=channels, **overrides)
     torch.manual_seed(args.seed)
     return data, unet
@@ -140,8 +181,11 @@ def fid_evaluator(args: argparse.Namespace, steps: tuple[int, ...], reference: s
 
 
 def resume_target(args: argparse.Namespace) -> bool | str:
-    """``--resume`` as Trainer.train takes it: False (fresh run), True (latest checkpoint) or a checkpoint folder."""
-    return False if args.resume is None else (True if args.resume == "latest" else args.resume)
+    """``--resume`` as Trainer.train takes it: False (fresh run), True (latest checkpoint; none is an error), "auto"
+    (latest if there is one) or a checkpoint / run folder."""
+    if args.resume is None:
+        return False
+    return True if args.resume == "latest" else ("auto" if args.resume == "auto" else args.resume)
 
 
 def run_training(args: argparse.Namespace, method: TrainingMethod, data: torch.Tensor, config: TrainConfig, *,

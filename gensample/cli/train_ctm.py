@@ -7,7 +7,7 @@ import argparse
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ._common import _positive_int, add_train_common, run_training, set_cpu_threads, train_config
+from ._common import _positive_int, add_train_common, run_training, seed_everything, set_cpu_threads, train_config
 
 if TYPE_CHECKING:
     from diffusers import UNet2DModel
@@ -108,6 +108,7 @@ def cmd_train_ctm(args: argparse.Namespace) -> dict:
     from ..pipelines.pipeline_edm import EDMPipeline
 
     set_cpu_threads(args)
+    seed_everything(args.seed)  # before anything is built: same flags, same weights
     if args.model != "digits":
         raise ValueError(f"--model {args.model} does not apply to `train ctm`: the student copies the teacher's "
                          "architecture (use --dropout to change its dropout).")

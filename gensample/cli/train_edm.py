@@ -3,7 +3,15 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import _positive_int, add_train_common, load_data_and_unet, run_training, set_cpu_threads, train_config
+from ._common import (
+    _positive_int,
+    add_train_common,
+    load_data_and_unet,
+    run_training,
+    seed_everything,
+    set_cpu_threads,
+    train_config,
+)
 
 __all__ = ["cmd_train_edm", "register"]
 
@@ -28,6 +36,7 @@ def cmd_train_edm(args: argparse.Namespace) -> dict:
     from ..methods.edm import EDMTraining
 
     set_cpu_threads(args)
+    seed_everything(args.seed)  # before anything is built: same flags, same weights
     if args.p_std <= 0 or args.sigma_data <= 0:
         raise ValueError(f"--p-std and --sigma-data must be > 0, got {args.p_std} and {args.sigma_data}.")
     data, unet = load_data_and_unet(args)

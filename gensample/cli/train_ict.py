@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import add_train_common, load_data_and_unet, run_training, set_cpu_threads, train_config
+from ._common import add_train_common, load_data_and_unet, run_training, seed_everything, set_cpu_threads, train_config
 
 __all__ = ["add_arguments", "cmd_train_ict", "parse_args", "register"]
 
@@ -48,6 +48,7 @@ def cmd_train_ict(args: argparse.Namespace) -> dict:
     from ..methods import ImprovedConsistencyTraining
 
     set_cpu_threads(args)
+    seed_everything(args.seed)  # before anything is built: same flags, same weights
     data, unet = load_data_and_unet(args)
     method = ImprovedConsistencyTraining(
         unet, total_steps=args.curriculum_steps or args.max_steps, s0=args.s0, s1=args.s1, p_mean=args.p_mean,

@@ -13,7 +13,7 @@ import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from ._common import _positive_int, add_train_common, run_training, set_cpu_threads, train_config
+from ._common import _positive_int, add_train_common, run_training, seed_everything, set_cpu_threads, train_config
 
 if TYPE_CHECKING:
     from diffusers import AutoencoderKL, UNet2DModel
@@ -132,6 +132,7 @@ def cmd_train_lct(args: argparse.Namespace) -> dict:
     from ..methods.lct import LatentConsistencyTraining
 
     set_cpu_threads(args)
+    seed_everything(args.seed)  # before anything is built: same flags, same weights
     if args.cauchy_c is not None and args.cauchy_c <= 0:
         raise ValueError(f"--cauchy-c must be > 0, got {args.cauchy_c}.")
     vae = _load_vae(args.vae)
@@ -184,6 +185,7 @@ def cmd_train_vae(args: argparse.Namespace) -> dict:
     from ..training.vae import train_vae
 
     set_cpu_threads(args)
+    seed_everything(args.seed)  # train_vae seeds again right before it builds the VAE
     if args.data == "digits" and args.channels not in (None, 1):
         raise ValueError("the embedded digits are grayscale: use --channels 1 (or omit it).")
     channels = 1 if args.data == "digits" else (args.channels or 3)

@@ -9,7 +9,15 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-from ._common import _positive_int, run_training, set_cpu_threads, train_config
+from ._common import (
+    RESUME_HELP,
+    _non_negative_int,
+    _positive_int,
+    run_training,
+    seed_everything,
+    set_cpu_threads,
+    train_config,
+)
 
 __all__ = ["cmd_train_video_diffusion", "register"]
 
@@ -50,15 +58,17 @@ def register(train_subparsers: argparse._SubParsersAction) -> None:
     p.add_argument("--logsnr-shift", type=float, default=-2.0,
                    help="shift the schedule's log-SNR by this (negative = noisier; e.g. -2 ~ -log(8 frames))")
     # run
-    p.add_argument("--checkpoint-every", type=int, default=250)
-    p.add_argument("--checkpoints-total-limit", type=int, default=3)
-    p.add_argument("--sample-every", type=int, default=0, help="also write samples/step-N.png every N steps")
+    p.add_argument("--checkpoint-every", type=_non_negative_int, default=250,
+                   help="steps between checkpoints (0: only the final one)")
+    p.add_argument("--checkpoints-total-limit", type=_non_negative_int, default=3,
+                   help="valid checkpoints kept (0: all)")
+    p.add_argument("--sample-every", type=_non_negative_int, default=0,
+                   help="also write samples/step-N.png every N steps")
     p.add_argument("--num-sample-videos", dest="num_sample_images", type=_positive_int, default=8)
     p.add_argument("--sample-steps", type=_positive_int, default=25, help="DDIM steps of the sample strips")
     p.add_argument("--log-every", type=_positive_int, default=10)
     p.add_argument("--report-to", default=None, help="accelerate tracker: tensorboard, wandb, ...")
-    p.add_argument("--resume", nargs="?", const="latest", default=None,
-                   help="continue a stopped run: 'latest' (default) or a checkpoint-N folder")
+    p.add_argument("--resume", nargs="?", const="latest", default=None, help=RESUME_HELP)
     p.add_argument("--cpu", action="store_true", help="force CPU even where a GPU exists")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     p.add_argument("--no-progress", action="store_true")
@@ -94,6 +104,7 @@ def cmd_train_video_diffusion(args: argparse.Namespace) -> dict:
     from ..video.tiny_model import tiny_video_unet
 
     set_cpu_threads(args)
+    seed_everything(args.seed)  # before anything is built: same flags, same weights
     lo, hi = args.speed
     data = make_moving_digits(args.num_videos, split="train", num_frames=args.num_frames, speed=(lo, hi),
                               directions=args.directions, seed=args.seed).videos
