@@ -37,6 +37,9 @@ timeout 90 python benchmarks/bench_kernels.py --device cuda --peak-bw "$PEAK_BW"
     --numel 786432 3145728 67108864 --json "$OUT_DIR/kernels_bf16net.json" | tee "$OUT_DIR/kernels_bf16net.md" || status=1
 python benchmarks/compile_kernels.py --compare "$OUT_DIR/kernels_bf16net.json" \
     | tee "$OUT_DIR/kernels_bf16net_vs_predicted.md" || status=1
+echo "== CUDA-only tests (graph capture/replay, kernels in a graph, inductor, channels_last + bf16) =="
+timeout 240 python -m pytest -q tests/test_fast_sampling_cpu.py tests/test_kernels.py -k "cuda" \
+    | tee "$OUT_DIR/cuda_tests.txt" || status=1
 echo "== pipelines ($PRESET) =="
 timeout 300 python benchmarks/bench_sampling.py --device cuda --preset "$PRESET" --batch-sizes 1 16 256 \
     --steps 1 2 4 --repeats 10 --json "$OUT_DIR/sampling.json" | tee "$OUT_DIR/sampling.md" || status=1
