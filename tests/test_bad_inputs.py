@@ -161,7 +161,7 @@ def test_step_counts_beyond_what_the_scheduler_serves_fail_at_once(name, steps):
 @pytest.mark.parametrize("name", list(PIPES))
 def test_the_step_bound_itself_is_accepted(name):
     pipe, _ = pipe_case(name)
-    check_schedule_source(PIPES[name][4], None, None, pipe.scheduler)  # no error
+    assert check_schedule_source(PIPES[name][4], None, None, pipe.scheduler) is None  # the bound itself: no error
 
 
 def test_edm_sigmas_nan_at_the_cli_is_an_argparse_error(capsys):

@@ -116,7 +116,9 @@ def _weights(out: Path) -> list[Path]:
     return files or sorted(out.glob("*.safetensors"))
 
 
-def _train_twice(tmp_path, argv_of) -> None:
+def _train_twice(tmp_path, argv_of) -> int:
+    """Run a train command twice into two folders; assert every saved weight file is bit-identical; return the
+    number of files compared."""
     outs = [tmp_path / "a", tmp_path / "b"]
     threads = torch.get_num_threads()
     try:
@@ -129,6 +131,7 @@ def _train_twice(tmp_path, argv_of) -> None:
     assert a and [p.relative_to(outs[0]) for p in a] == [p.relative_to(outs[1]) for p in b]
     for pa, pb in zip(a, b):
         assert tensors_equal(pa, pb), pa.relative_to(outs[0])
+    return len(a)
 
 
 RUN = ["--max-steps", "2", "--batch-size", "2", "--num-sample-images", "1", "--no-progress", "--threads", "1"]
@@ -137,8 +140,9 @@ RUN = ["--max-steps", "2", "--batch-size", "2", "--num-sample-images", "1", "--n
 @pytest.mark.parametrize("method", ["ict", "edm"])
 def test_seed_reproduces_pixel_training(tmp_path, method):
     extra = ["--sample-steps", "1"] if method == "edm" else []
-    _train_twice(tmp_path, lambda out: ["train", method, "--model", "tiny", *RUN, *extra, "--checkpoint-every", "1",
-                                        "--output", str(out)])
+    compared = _train_twice(tmp_path, lambda out: ["train", method, "--model", "tiny", *RUN, *extra,
+                                                   "--checkpoint-every", "1", "--output", str(out)])
+    assert compared >= 2  # the checkpoint weights and the exported pipeline
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +170,7 @@ def test_seed_reproduces_every_other_train_command(tmp_path, method, teacher_and
                             "--num-frames", "4", "--block-out-channels", "8", "16", "--temporal-layers", "0", "1",
                             "--num-sample-videos", "1", "--sample-steps", "1", "--threads", "1", "--no-progress"],
     }[method]
-    _train_twice(tmp_path, lambda out: [*argv, "--output", str(out)])
+    assert _train_twice(tmp_path, lambda out: [*argv, "--output", str(out)]) >= 1
 
 
 # -- 2. checkpoints are moved aside, never deleted ----------------------------------------------------------------------
