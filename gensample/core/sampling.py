@@ -65,7 +65,7 @@ def consistency_step(
     return denoised + std.to(sample.dtype) * noise, denoised
 
 
-# -- EDM Heun ----------------------------------------------------------------------------------------------------------
+# -- EDM Heun ---------------------------------------------------------------------------------------------------------
 def _check_sigmas(sigmas: Sequence[float] | torch.Tensor) -> torch.Tensor:
     sigmas = torch.as_tensor(sigmas, dtype=torch.float64).flatten()
     if len(sigmas) < 2:
@@ -162,7 +162,7 @@ def sample_heun(
     return heun_solve(denoiser, x, sigmas, extra_args, callback)
 
 
-# -- CTM gamma-sampling ------------------------------------------------------------------------------------------------
+# -- CTM gamma-sampling -----------------------------------------------------------------------------------------------
 def check_gamma(gamma) -> float:
     """``gamma`` as a float in [0, 1], or a ValueError that names it (NaN, booleans and non-numbers are rejected)."""
     try:

@@ -67,7 +67,7 @@ from torch import nn
 from ..core.losses import edm_denoising_loss, pseudo_huber, squared_l2
 from ..core.parametrization import EDMDenoiser, TrajectoryFunction, per_sample
 from ..core.sampling import check_gamma, heun_step
-from ..core.sigmas import RHO, SIGMA_MAX, SIGMA_MIN, CTMTimes, karras_sigmas_descending, sample_ctm_times
+from ..core.sigmas import RHO, SIGMA_MAX, SIGMA_MIN, CTMTimes, karras_ramp, karras_sigmas_descending, sample_ctm_times
 from ..models.ctm_unet import CTMUNet2DModel
 from ..models.discriminator import Discriminator, diff_augment, hinge_d_loss, hinge_g_loss, parse_augment_policy
 from .base import TrainingMethod
@@ -410,7 +410,8 @@ class CTMTraining(TrainingMethod):
         return int(torch.multinomial(probs, 1, generator=g)) + 1
 
     def sample_times(self, batch_size: int, step: int, device: torch.device | str | None = None) -> CTMTimes:
-        """(k, t, u, s) of the generator loss (module docstring): k from :meth:`num_heun_steps`, t/u/s per sample from the global RNG."""
+        """(k, t, u, s) of the generator loss (module docstring): k from :meth:`num_heun_steps`, t/u/s per sample
+        from the global RNG."""
         return sample_ctm_times(batch_size, self.num_sigmas, self.max_heun_steps, self.heun_step_multiplier,
                                 num_heun_steps=self.num_heun_steps(step), sigma_min=self.sigma_min,
                                 sigma_max=self.sigma_max, rho=self.rho, device=device)
@@ -422,8 +423,7 @@ class CTMTraining(TrainingMethod):
         n_log = batch_size - batch_size // 2
         log_normal = (self.dsm_p_mean + self.dsm_p_std * torch.randn(n_log, dtype=torch.float64)).exp()
         u = torch.rand(batch_size - n_log, dtype=torch.float64) * self.dsm_uniform_max
-        lo, hi = self.sigma_min ** (1 / self.rho), self.sigma_max ** (1 / self.rho)
-        uniform = (hi + u * (lo - hi)) ** self.rho
+        uniform = karras_ramp(u, self.sigma_max, self.sigma_min, self.rho)
         return torch.cat([log_normal, uniform]).to(device)
 
     # -- the pieces of the loss -------------------------------------------------------------------------------------
