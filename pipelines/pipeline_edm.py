@@ -62,19 +62,47 @@ class EDMPipeline(GensamplePipeline):
             When the scheduler's ``timesteps`` follow the other convention, the UNet gets c_noise of the scheduler's
             current sigma in its own convention: diffusers' EDM schedulers (0.25 ln sigma) serve a "250_ln_sigma"
             UNet that way. A "0.25_ln_sigma" UNet needs one of diffusers' EDM schedulers.
+        num_classes (`int`, *optional*): K for a classifier-free-guidance model (``gensample train edm
+            --class-conditional``): the UNet has K + 1 class embeddings and label K is the null label. Random labels
+            are drawn from 0..K-1 and `guidance_scale` w gives F_null + w (F_c - F_null) (Ho & Salimans 2022, eq. 6;
+            the same combination of the denoisers D, which are affine in F). None: no guidance.
     """
 
     _scheduler_classes = tuple(SCHEDULER_NOISE_CONDITIONING)
 
     def __init__(self, unet: UNet2DModel | CTMUNet2DModel,
                  scheduler: EDMHeunScheduler | EDMEulerScheduler | EDMDPMSolverMultistepScheduler,
-                 noise_conditioning: str = "250_ln_sigma"):
+                 noise_conditioning: str = "250_ln_sigma", num_classes: int | None = None):
         super().__init__()
         if noise_conditioning not in NOISE_CONDITIONINGS:
             raise ValueError(f"`noise_conditioning` must be one of {NOISE_CONDITIONINGS} (the c_noise the UNet was "
                              f"trained on), got {noise_conditioning!r}.")
-        self.register_to_config(noise_conditioning=noise_conditioning)
+        embeds = unet.config.num_class_embeds if unet is not None else None
+        if num_classes is not None and embeds != int(num_classes) + 1:
+            raise ValueError(f"`num_classes`={num_classes} needs a UNet with num_class_embeds={int(num_classes) + 1} "
+                             f"(the last label is the null label of classifier-free guidance), got {embeds}.")
+        self.register_to_config(noise_conditioning=noise_conditioning, num_classes=num_classes)
+        self._guidance_scale = 1.0
         self.register_modules(unet=unet, scheduler=scheduler)
+
+    @property
+    def guidance_scale(self) -> float:
+        return self._guidance_scale
+
+    @property
+    def do_classifier_free_guidance(self) -> bool:
+        return self._guidance_scale != 1.0
+
+    def model_output(self, model_input: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor | None,
+                     **kwargs) -> torch.Tensor:
+        """F(x, c), or with guidance F_null + w (F_c - F_null) from one batched call on (c, null)."""
+        if not self.do_classifier_free_guidance:
+            return super().model_output(model_input, timestep, class_labels, **kwargs)
+        null = torch.full_like(class_labels, self.config.num_classes)
+        both = self.unet(torch.cat([model_input, model_input]), timestep, class_labels=torch.cat([class_labels, null]),
+                         **kwargs, return_dict=False)[0]
+        cond, uncond = both.chunk(2)
+        return uncond + self._guidance_scale * (cond - uncond)
 
     def _scheduler_noise_conditioning(self, scheduler) -> str:
         return next(v for cls, v in SCHEDULER_NOISE_CONDITIONING.items() if isinstance(scheduler, cls))
@@ -95,6 +123,19 @@ class EDMPipeline(GensamplePipeline):
             return t
         sigma = self.scheduler.sigmas[self.scheduler.step_index]
         return noise_conditioning(sigma).to(device=t.device, dtype=torch.float32)
+
+    def check_guidance_scale(self, guidance_scale: float) -> float:
+        try:
+            w = float(guidance_scale)
+        except (TypeError, ValueError):
+            raise ValueError(f"`guidance_scale` must be a number >= 0, got {guidance_scale!r}.") from None
+        if not (w >= 0 and w < float("inf")):
+            raise ValueError(f"`guidance_scale` must be a finite number >= 0, got {guidance_scale!r}.")
+        if w != 1.0 and self.config.num_classes is None:
+            raise ValueError(f"`guidance_scale`={guidance_scale} needs a classifier-free-guidance model (a pipeline "
+                             "with `num_classes`, trained with `gensample train edm --class-conditional "
+                             "--label-dropout p`); this one has no null label. Use guidance_scale=1.")
+        return w
 
     def check_inputs(self, batch_size, num_inference_steps, sigmas, latents, generator, output_type,
                      callback_on_step_end_tensor_inputs, class_labels):
@@ -117,6 +158,7 @@ class EDMPipeline(GensamplePipeline):
         generator: torch.Generator | list[torch.Generator] | None = None,
         latents: torch.Tensor | None = None,
         class_labels: torch.Tensor | int | list[int] | None = None,
+        guidance_scale: float = 1.0,
         output_type: str = "pil",
         return_dict: bool = True,
         callback_on_step_end: Callable[["EDMPipeline", int, torch.Tensor, dict], dict] | None = None,
@@ -134,6 +176,9 @@ class EDMPipeline(GensamplePipeline):
             latents (`torch.Tensor`, *optional*): unit-variance starting noise; scaled by the scheduler's
                 `init_noise_sigma` here (t_0 for Heun; diffusers' EDM schedulers use sqrt(sigma_max^2 + 1)).
             class_labels (*optional*): labels for a class-conditional UNet; drawn from `generator` if omitted.
+            guidance_scale (`float`, defaults to 1.0): classifier-free guidance scale w >= 0 for a pipeline with
+                `num_classes` in its config (1: the conditional model alone, one network call per evaluation;
+                otherwise two).
             output_type (`str`, defaults to "pil"): "pil", "np" (NHWC float in [0, 1]), "pt" (NCHW in [0, 1]) or
                 "latent" (the final state at sigma = 0, NCHW, not post-processed).
             return_dict (`bool`, defaults to True): return an [`ImagePipelineOutput`] rather than the tuple
@@ -157,6 +202,7 @@ class EDMPipeline(GensamplePipeline):
         # 1. Check inputs
         self.check_inputs(batch_size, num_inference_steps, sigmas, latents, generator, output_type,
                           callback_on_step_end_tensor_inputs, class_labels)
+        self._guidance_scale = self.check_guidance_scale(guidance_scale)
 
         # 2.-5. Noise levels, latents at t_0, class labels, sampling loop (Heun: 2N - 1 model evaluations,
         #       alternating predictor / corrector); the last step lands on sigma = 0

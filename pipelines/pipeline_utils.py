@@ -220,10 +220,12 @@ class GensamplePipeline(GenericLoadingMixin, DiffusionPipeline):
     def prepare_class_labels(self, batch_size: int, class_labels: Any, generator: Any,
                              device: torch.device) -> torch.Tensor | None:
         """None for an unconditional UNet; else ``class_labels`` broadcast to the batch, or labels drawn uniformly
-        from the (first) generator after the latents."""
-        num_classes = self.unet.config.num_class_embeds
-        if num_classes is None:
+        from the (first) generator after the latents (from ``range(config.num_classes)`` where the pipeline has that
+        config, i.e. a guidance model whose label ``num_classes`` is the null label)."""
+        if self.unet.config.num_class_embeds is None:
             return None
+        # a classifier-free-guidance model's last embedding is its null label: never drawn
+        num_classes = getattr(self.config, "num_classes", None) or self.unet.config.num_class_embeds
         if class_labels is None:
             gen = generator[0] if isinstance(generator, list) else generator
             class_labels = torch.randint(0, num_classes, (batch_size,), generator=gen,
@@ -255,6 +257,11 @@ class GensamplePipeline(GenericLoadingMixin, DiffusionPipeline):
         """Extra UNet keyword arguments at step ``i`` (CTM: the jump target's ``s_timestep``)."""
         return {}
 
+    def model_output(self, model_input: torch.Tensor, timestep: torch.Tensor, class_labels: torch.Tensor | None,
+                     **kwargs: Any) -> torch.Tensor:
+        """The UNet's output for one step (pipelines with classifier-free guidance override this)."""
+        return self.unet(model_input, timestep, class_labels=class_labels, **kwargs, return_dict=False)[0]
+
     def denoising_loop(self, latents: torch.Tensor, class_labels: torch.Tensor | None, generator: Any,
                        callback_on_step_end: Callable | None, callback_names: list[str]) -> torch.Tensor:
         """diffusers' loop over ``scheduler.timesteps``: ``scale_model_input``, the UNet, ``scheduler.step`` (its
@@ -267,8 +274,8 @@ class GensamplePipeline(GenericLoadingMixin, DiffusionPipeline):
         with self.progress_bar(total=self._num_timesteps) as progress_bar:
             for i, t in enumerate(timesteps):
                 model_input = scheduler.scale_model_input(latents, t)
-                model_output = self.unet(model_input, self.unet_timestep(t), class_labels=class_labels,
-                                         **self.unet_step_kwargs(i), return_dict=False)[0]
+                model_output = self.model_output(model_input, self.unet_timestep(t), class_labels,
+                                                 **self.unet_step_kwargs(i))
                 output = scheduler.step(model_output, t, latents, **step_kwargs, return_dict=True)
                 latents = self.run_callback(callback_on_step_end, i, t, callback_names, latents=output.prev_sample,
                                             denoised=clean_estimate(output))

@@ -82,6 +82,9 @@ def add_train_common(p: argparse.ArgumentParser) -> None:
                    help="steps between checkpoints (0: only the final one)")
     p.add_argument("--checkpoints-total-limit", type=_non_negative_int, default=3,
                    help="valid checkpoints kept (0: all)")
+    p.add_argument("--snapshot-every", type=_non_negative_int, default=0,
+                   help="keep the raw weights every N steps in OUTPUT/snapshots/ (weights only, for `gensample lcsc`; "
+                        "0: off)")
     p.add_argument("--sample-every", type=_non_negative_int, default=0)
     p.add_argument("--num-sample-images", type=_positive_int, default=64)
     p.add_argument("--log-every", type=_positive_int, default=10)
@@ -134,15 +137,28 @@ def train_config(args: argparse.Namespace, extra: dict, **fields: Any) -> TrainC
         max_grad_norm=args.max_grad_norm, ema_rate=args.ema_rate,
         mixed_precision=args.mixed_precision, seed=args.seed, checkpoint_every=args.checkpoint_every,
         checkpoints_total_limit=args.checkpoints_total_limit, sample_every=args.sample_every,
+        snapshot_every=getattr(args, "snapshot_every", 0),
         num_sample_images=args.num_sample_images, log_every=args.log_every, report_to=args.report_to, cpu=args.cpu,
         progress=not args.no_progress, extra=extra, **fields,
     )
 
 
-def load_data_and_unet(args: argparse.Namespace) -> tuple[torch.Tensor, UNet2DModel]:
+def load_labels(args: argparse.Namespace) -> tuple[torch.Tensor, int]:
+    """(labels, number of classes) of ``--data`` for a class-conditional run: the embedded digits' train-split labels
+    (0..9, in the order of the images ``load_data_and_unet`` loads)."""
+    if args.data != "digits":
+        raise ValueError(f"class labels are only available for --data digits; {args.data!r} is an unlabelled image "
+                         "folder. Train it unconditionally (drop --class-conditional).")
+    from ..data.digits import load_digits
+
+    _, labels = load_digits("train", args.resolution or 8, return_labels=True)
+    return labels, int(labels.max()) + 1
+
+
+def load_data_and_unet(args: argparse.Namespace, **unet_overrides: Any) -> tuple[torch.Tensor, UNet2DModel]:
     """The images of ``--data`` and a UNet for them: from ``--init-from``, else a fresh ``--model`` preset initialised
-    from ``--seed`` (seeded right before it is built). Then seeds torch with ``--seed`` again, which the training
-    method built next draws from."""
+    from ``--seed`` (seeded right before it is built; ``unet_overrides`` go to the preset, e.g. num_class_embeds).
+    Then seeds torch with ``--seed`` again, which the training method built next draws from."""
     import torch
     from diffusers import UNet2DModel
 
@@ -158,8 +174,12 @@ def load_data_and_unet(args: argparse.Namespace) -> tuple[torch.Tensor, UNet2DMo
         if unet.config.sample_size != resolution or unet.config.in_channels != channels:
             raise ValueError(f"--init-from {args.init_from} is a {unet.config.in_channels}x{unet.config.sample_size}"
                              f" model but the data is {channels}x{resolution}; pass a matching --resolution.")
+        for key, value in unet_overrides.items():
+            if unet.config.get(key) != value:
+                raise ValueError(f"--init-from {args.init_from} has {key}={unet.config.get(key)}, this run needs "
+                                 f"{key}={value}.")
     else:
-        overrides = {} if args.dropout is None else {"dropout": args.dropout}
+        overrides = dict(unet_overrides) if args.dropout is None else {**unet_overrides, "dropout": args.dropout}
         seed_everything(args.seed)
         unet = build_unet(args.model, sample_size=resolution, in_channels=channels, **overrides)
     torch.manual_seed(args.seed)
@@ -190,14 +210,15 @@ def resume_target(args: argparse.Namespace) -> bool | str:
 
 def run_training(args: argparse.Namespace, method: TrainingMethod, data: torch.Tensor, config: TrainConfig, *,
                  fid_steps: tuple[int, ...] | None = None, fid_reference: str | None = None,
-                 trainer_class: type[Trainer] | None = None) -> dict:
+                 trainer_class: type[Trainer] | None = None, labels: torch.Tensor | None = None) -> dict:
     """The tail of every training command: attach the FID hook (when ``fid_steps`` is given and ``--fid-every`` is
-    on), train (resuming per ``--resume``), print the summary as JSON on the main process, and return it."""
+    on), train (resuming per ``--resume``), print the summary as JSON on the main process, and return it. ``labels``
+    (int64, one per image) make every batch the tuple ``(images, labels)``."""
     from ..training.trainer import Trainer
 
     evaluate = None if fid_steps is None else fid_evaluator(args, fid_steps, fid_reference)
     trainer = (trainer_class or Trainer)(method, data, config, evaluate=evaluate,
-                                         evaluate_every=args.fid_every if evaluate is not None else 0)
+                                         evaluate_every=args.fid_every if evaluate is not None else 0, labels=labels)
     summary = trainer.train(resume=resume_target(args))
     if trainer.accelerator.is_main_process:
         print(json.dumps(summary, indent=1))

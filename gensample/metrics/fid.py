@@ -315,6 +315,8 @@ def per_image_inputs(pipeline, indices: Sequence[int], seed: int = 0) -> dict[st
     unet = getattr(pipeline, "unet", None)
     num_classes = getattr(getattr(unet, "config", None), "num_class_embeds", None)
     if num_classes is not None:
+        # a guidance model's last embedding is its null label (config num_classes = embeddings - 1): never drawn
+        num_classes = getattr(getattr(pipeline, "config", None), "num_classes", None) or num_classes
         out["class_labels"] = torch.tensor([_sample_label(seed, i, num_classes) for i in indices])
     return out
 

@@ -27,6 +27,7 @@ from tqdm.auto import tqdm
 from ..images import plot_curve, save_image_grid
 from ..methods.base import TrainingMethod
 from . import checkpoint as ckpt
+from . import snapshots
 from .ema import EMA
 from .lr_schedule import check_lr_schedule, lr_multiplier
 
@@ -55,6 +56,9 @@ class TrainConfig:
     checkpoint_every: int = 500
     checkpoints_total_limit: int | None = 3
     sample_every: int = 0  # 0: only at the end
+    #: every N steps (and at the last step) keep the raw weights of the method's ``ema_modules()`` in
+    #: ``snapshots/`` (weights only, for LCSC); 0: off
+    snapshot_every: int = 0
     num_sample_images: int = 64
     sample_steps: tuple[int, ...] = (1, 2)
     log_every: int = 10
@@ -102,13 +106,19 @@ def resolve_optimizer_settings(method: TrainingMethod, config: TrainConfig) -> d
 
 
 class BatchSampler:
-    """Endless shuffled mini-batches of an in-memory tensor; its whole state (generator, permutation, position) is
-    checkpointed, so a resumed run sees exactly the batches the uninterrupted run would have seen."""
+    """Endless shuffled mini-batches of an in-memory tensor (and its labels, if given: then each batch is the tuple
+    ``(images, labels)``); its whole state (generator, permutation, position) is checkpointed, so a resumed run sees
+    exactly the batches the uninterrupted run would have seen."""
 
-    def __init__(self, data: torch.Tensor, batch_size: int, seed: int):
+    def __init__(self, data: torch.Tensor, batch_size: int, seed: int, labels: torch.Tensor | None = None):
         if len(data) == 0:
             raise ValueError("the dataset is empty.")
-        self.data, self.batch_size = data, batch_size
+        if labels is not None:
+            labels = torch.as_tensor(labels)
+            if labels.shape != (len(data),) or labels.dtype != torch.int64:
+                raise ValueError(f"labels must be an int64 tensor of shape ({len(data)},) (one per image), got "
+                                 f"{labels.dtype} {tuple(labels.shape)}.")
+        self.data, self.labels, self.batch_size = data, labels, batch_size
         self.generator = torch.Generator().manual_seed(seed)
         self.perm = torch.randperm(len(data), generator=self.generator)
         self.pos = 0
@@ -123,7 +133,8 @@ class BatchSampler:
             idx.append(self.perm[self.pos:self.pos + take])
             self.pos += take
             count += take
-        return self.data[torch.cat(idx)]
+        idx = torch.cat(idx)
+        return self.data[idx] if self.labels is None else (self.data[idx], self.labels[idx])
 
     def state_dict(self) -> dict:
         return {"generator": self.generator.get_state().tolist(), "perm": self.perm.tolist(), "pos": self.pos}
@@ -165,8 +176,9 @@ RUN_DEFINING_FIELDS = ("batch_size", "gradient_accumulation_steps", "ema_rate", 
 #: its bookkeeping. (``seed``: a resume restores the checkpoint's RNG and data-order state; the seed only fixes the
 #: sample grids' noise.) The LR schedule, the optimizer settings, the method's settings (e.g. the curriculum's total
 #: steps) and the process count may change with a warning; everything else is refused.
-RESUME_FREE_FIELDS = ("max_steps", "checkpoint_every", "checkpoints_total_limit", "sample_every", "num_sample_images",
-                      "sample_steps", "log_every", "report_to", "cpu", "progress", "seed", "output_dir")
+RESUME_FREE_FIELDS = ("max_steps", "checkpoint_every", "checkpoints_total_limit", "sample_every", "snapshot_every",
+                      "num_sample_images", "sample_steps", "log_every", "report_to", "cpu", "progress", "seed",
+                      "output_dir")
 #: TrainConfig fields compared by their own checks: the optimizer settings (the checkpoint's are restored, with a
 #: warning), the LR schedule and its horizon (a warning), ``extra`` (per key). Any other field that changes is warned.
 _RESUME_CHECKED_ELSEWHERE = {"learning_rate", "adam_betas", "weight_decay", "group_optimizer_settings",
@@ -181,6 +193,13 @@ TEST_PAUSE_ENV = "GENSAMPLE_TEST_PAUSE_AT"
 #: yet pruned; pipeline-write:N = the final pipeline written to its temporary folder, not yet renamed
 PAUSE_POINTS = ("step", "checkpoint-write", "checkpoint-renamed", "pipeline-write")
 _PIPELINE_STAGING_RE = re.compile(r"^\.tmp-pipeline-[a-z0-9_]{8}$")
+
+
+def _to_device(batch, device):
+    """A batch (a tensor, or the tuple ``(images, labels)``) on ``device``."""
+    if isinstance(batch, tuple):
+        return tuple(t.to(device) for t in batch)
+    return batch.to(device)
 
 
 def data_fingerprint(data: torch.Tensor) -> dict:
@@ -255,11 +274,11 @@ class Trainer:
     """
 
     def __init__(self, method: TrainingMethod, dataset: torch.Tensor, config: TrainConfig,
-                 evaluate: Callable | None = None, evaluate_every: int = 0):
+                 evaluate: Callable | None = None, evaluate_every: int = 0, labels: torch.Tensor | None = None):
         self.config = config
         check_lr_schedule(config.lr_schedule, config.lr_warmup_steps, config.lr_decay_horizon,
                           config.lr_final_fraction)
-        for name in ("checkpoint_every", "sample_every", "checkpoints_total_limit"):
+        for name in ("checkpoint_every", "sample_every", "checkpoints_total_limit", "snapshot_every"):
             value = getattr(config, name)
             if value is not None and (not isinstance(value, int) or value < 0):
                 raise ValueError(f"TrainConfig.{name} must be an integer >= 0 (0: off / keep all), got {value!r}.")
@@ -303,7 +322,7 @@ class Trainer:
         #: parameters no group optimises (changed by hooks, if at all) is updated after every step.
         self.ema_groups = {name: [g for g, ids in group_params.items() if ids & {id(p) for p in m.parameters()}]
                            for name, m in method.ema_modules().items()}
-        self.sampler = BatchSampler(dataset, config.batch_size, seed=config.seed * 1000 + self.rank)
+        self.sampler = BatchSampler(dataset, config.batch_size, seed=config.seed * 1000 + self.rank, labels=labels)
         self._data_record: dict | None = None  # data_fingerprint(dataset), computed when first needed
         self.step = 0
         self.history: list[tuple[int, float]] = []
@@ -324,6 +343,8 @@ class Trainer:
         data (shape, dtype, sha256) and the configs of the method's networks (e.g. the UNet's sample_size)."""
         if self._data_record is None:
             self._data_record = data_fingerprint(self.sampler.data)
+            if self.sampler.labels is not None:
+                self._data_record = {**self._data_record, "labels": data_fingerprint(self.sampler.labels)}
         return {"data": self._data_record,
                 "networks": _network_configs(self.accelerator.unwrap_model(self.model)),
                 "evaluate_every": self.evaluate_every}
@@ -642,6 +663,13 @@ class Trainer:
         nrow = math.ceil(math.sqrt(self.config.num_sample_images))
         return save_image_grid(torch.cat(rows), path, nrow=nrow)
 
+    def save_snapshot(self) -> Path | None:
+        """Write the raw weights of the method's ``ema_modules()`` at this step to ``snapshots/`` (main process)."""
+        if not self.accelerator.is_main_process:
+            return None
+        method = self.accelerator.unwrap_model(self.model)
+        return snapshots.save_snapshot(self.output_dir, self.step, method.ema_modules(), method.method_name)
+
     # -- the loop -------------------------------------------------------------------------------------------------
     def _set_checkpoint_folder_aside(self, loaded: Path | None) -> None:
         """Before the first step: checkpoints of this run's folder that the run would overwrite or that would outlive
@@ -711,6 +739,10 @@ class Trainer:
         elif resume:
             loaded = self.load_checkpoint(resume)
         self._set_checkpoint_folder_aside(loaded)
+        if acc.is_main_process and cfg.snapshot_every:
+            moved = snapshots.move_aside_after(self.output_dir, self.step)
+            if moved:
+                self._warn(f"moved aside (not deleted) snapshots past step {self.step}: {', '.join(moved)}.")
         if acc.is_main_process:
             self.output_dir.mkdir(parents=True, exist_ok=True)
             (self.output_dir / "run_config.json").write_text(json.dumps(self._run_config(), indent=1))
@@ -730,7 +762,7 @@ class Trainer:
                 gi = self.group_names.index(group)
                 opt = self.optimizers[gi]
                 for micro in range(cfg.gradient_accumulation_steps):
-                    batch = self.sampler.next().to(acc.device)
+                    batch = _to_device(self.sampler.next(), acc.device)
                     sync = micro == cfg.gradient_accumulation_steps - 1
                     with (nullcontext() if sync else acc.no_sync(self.model)):
                         with acc.autocast():
@@ -772,6 +804,8 @@ class Trainer:
                 self._write_log(record)
                 if cfg.report_to:
                     acc.log(record, step=self.step)
+            if cfg.snapshot_every and (self.step % cfg.snapshot_every == 0 or self.step == cfg.max_steps):
+                self.save_snapshot()
             if cfg.checkpoint_every and self.step % cfg.checkpoint_every == 0 and self.step < cfg.max_steps:
                 self.save_checkpoint()
             if cfg.sample_every and self.step % cfg.sample_every == 0 and acc.is_main_process:
