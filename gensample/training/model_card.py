@@ -55,6 +55,19 @@ METHODS: dict[str, tuple[str, str, tuple[str, ...]]] = {
              "from a frozen EDM teacher: a trajectory function G(x_t, t, s) sampled by gamma-sampling in one or a few "
              "steps."),
             ("consistency-models", "ctm", "distillation")),
+    "scott": ("SCott consistency model",
+              ("A consistency model distilled from a frozen diffusion teacher by SCott (Liu et al., \"SCott: "
+               "Accelerating Diffusion Models with Stochastic Consistency Distillation\", AAAI 2025): the teacher's "
+               "step between adjacent levels is an SDE solve (stochastic DDIM or ER-SDE, split into sub-steps) under "
+               "classifier-free guidance, the student takes the guidance scale as an input, and an optional "
+               "adversarial term sharpens few-step samples."),
+              ("consistency-models", "scott", "distillation")),
+    "nct": ("NCT control adapter",
+            ("A control adapter for a frozen one-step generator trained by Noise Consistency Training (Luo et al., "
+             "\"Noise Consistency Training\", 2025): without images, a consistency loss in the generator's noise "
+             "space ties the adapted outputs to the control, and a boundary loss kept below a margin by "
+             "primal-dual updates keeps them on the base generator's distribution."),
+            ("consistency-models", "nct", "controlnet")),
     "video-diffusion": ("Motion-guided video diffusion model",
                         ("An unconditional video diffusion model (DDPM objective, Ho et al. 2020) for an "
                          "AnimateDiff-style UNetMotionModel, sampled with DDIM; MotionGuidedVideoPipeline steers it "
@@ -64,7 +77,8 @@ METHODS: dict[str, tuple[str, str, tuple[str, ...]]] = {
 #: pipeline class -> Hub pipeline tag (none for the motion-guided video pipeline: the Hub has no matching task)
 PIPELINE_TAGS = {"ConsistencyPipeline": "unconditional-image-generation",
                  "LatentConsistencyPipeline": "unconditional-image-generation",
-                 "EDMPipeline": "unconditional-image-generation", "CTMPipeline": "unconditional-image-generation"}
+                 "EDMPipeline": "unconditional-image-generation", "CTMPipeline": "unconditional-image-generation",
+                 "LatentConsistencyModelPipeline": "text-to-image"}
 #: the step counts listed in the schedule table when the caller names none
 DEFAULT_STEPS = {"EDMPipeline": (18,), "MotionGuidedVideoPipeline": (25,)}
 
@@ -147,6 +161,11 @@ def _usage(pipeline_class: str, load_path: str, steps: int, generic_loading: boo
                                          "generator=torch.Generator().manual_seed(0)).frames",
             }.get(pipeline_class, f"images = pipe(batch_size=16, num_inference_steps={steps}, "
                                   "generator=torch.Generator().manual_seed(0)).images")
+    if pipeline_class == "LatentConsistencyModelPipeline":  # diffusers' own pipeline: no gensample needed
+        return "\n".join(["```python", "import torch", "from diffusers import LatentConsistencyModelPipeline", "",
+                          f"pipe = LatentConsistencyModelPipeline.from_pretrained({load_path})",
+                          f"images = pipe(\"a prompt\", num_inference_steps={steps}, guidance_scale=8.5, "
+                          "generator=torch.Generator().manual_seed(0)).images", "```"])
     lines = ["```python", "import torch", "import gensample", *imports, "",
              f"pipe = gensample.load_pipeline({load_path})  # any folder a gensample pipeline saved",
              (f"# or: from gensample.pipelines import {pipeline_class}; "
