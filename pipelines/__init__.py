@@ -8,6 +8,8 @@ from .pipeline_ctm import CTMPipeline
 from .pipeline_edm import EDMPipeline
 from .pipeline_latent_consistency import LatentConsistencyPipeline
 from .pipeline_motion_guided_video import MotionGuidedVideoPipeline
+from .pipeline_nct import NCTPipeline
+from .pipeline_scott import SCottPipeline
 
 __all__ = ["CTMPipeline", "ConsistencyPipeline", "EDMPipeline", "LatentConsistencyPipeline",
-           "MotionGuidedVideoPipeline"]
+           "MotionGuidedVideoPipeline", "NCTPipeline", "SCottPipeline"]

@@ -9,21 +9,23 @@ package; so imports run one way: this module -> command modules -> library.
     train video-diffusion          train_video
     sample, video, demo            sample, video, demo
     fid, fid-stats                 fid
+    lcsc                           lcsc
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from . import demo, fid, sample, train_ctm, train_edm, train_ict, train_lct, train_video, video
+from . import demo, fid, sample, train_ctm, train_edm, train_ict, train_lct, train_nct, train_scott, train_video, video
+from . import lcsc
 
 __all__ = ["build_parser", "main"]
 
 DESCRIPTION = "gensample: train, sample, demo, video, fid and fid-stats for consistency models."
 
 # registration order = the order --help lists the subcommands in
-TRAIN_COMMANDS = (train_ict, train_edm, train_ctm, train_lct, train_video)
-COMMANDS = (sample, video, demo, fid)
+TRAIN_COMMANDS = (train_ict, train_edm, train_ctm, train_lct, train_video, train_nct, train_scott)
+COMMANDS = (sample, video, demo, fid, lcsc)
 
 
 def build_parser() -> argparse.ArgumentParser:

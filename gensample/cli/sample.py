@@ -48,6 +48,16 @@ def register(subparsers: argparse._SubParsersAction) -> None:
                              "multistep; default: the pipeline's configured gamma)")
     sample.add_argument("--sampler", choices=["gamma", "heun"], default=None,
                         help="CTM pipelines: 'gamma' (default) or 'heun' (EDM Heun on g(x, t, t), NFE 2n - 1)")
+    sample.add_argument("--guidance-scale", type=_finite_float, default=None,
+                        help="classifier-free guidance scale w >= 0 of guided pipelines (EDM with num_classes, SCott; "
+                             "default: the pipeline's own)")
+    sample.add_argument("--class-label", type=int, default=None,
+                        help="class of every image for class-conditional pipelines (default: a random class per "
+                             "image)")
+    sample.add_argument("--control", default=None,
+                        help="NCT pipelines: the control of every image, a class label (e.g. 3) or an image file (e.g. "
+                             "a 4x4 low-resolution PNG, or an edge map); default for class adapters: a random label "
+                             "per image")
     sample.add_argument("--num-images", type=_positive_int, default=64)
     sample.add_argument("--batch-size", type=_positive_int, default=256,
                         help="images per pipeline call (does not change the images)")
@@ -77,8 +87,8 @@ def sample_batches(pipe: DiffusionPipeline, num_images: int, batch_size: int, se
     with tqdm(total=num_images, unit="img", desc="sampling", disable=not progress) as bar:
         for start in range(0, num_images, batch_size):
             idx = range(start, min(start + batch_size, num_images))
-            images = pipe(batch_size=len(idx), output_type="pt", **per_image_inputs(pipe, idx, seed),
-                          **kwargs).images.cpu()
+            inputs = {**per_image_inputs(pipe, idx, seed), **kwargs}  # kwargs win (e.g. a fixed class_labels)
+            images = pipe(batch_size=len(idx), output_type="pt", **inputs).images.cpu()
             if not torch.isfinite(images).all():
                 raise ValueError(f"the pipeline produced NaN/inf values in images {idx.start}..{idx.stop - 1} "
                                  f"(--seed {seed}): its weights or scheduler config hold non-finite numbers, or the "
@@ -93,6 +103,51 @@ def _save_pngs(images: torch.Tensor, folder: Path, start: int) -> None:
     arr = (images.clamp(0, 1) * 255).round().byte().permute(0, 2, 3, 1).numpy()
     for i, a in enumerate(arr):
         Image.fromarray(a[..., 0] if a.shape[-1] == 1 else a).save(folder / f"{start + i:06d}.png")
+
+
+def _guidance_kwargs(pipe: DiffusionPipeline, args: argparse.Namespace) -> dict[str, Any]:
+    """``guidance_scale`` / ``class_labels`` from --guidance-scale / --class-label, checked against the pipeline."""
+    import inspect
+
+    out: dict[str, Any] = {}
+    if args.guidance_scale is not None:
+        if "guidance_scale" not in inspect.signature(pipe.__call__).parameters:
+            raise ValueError(f"--guidance-scale applies to guided pipelines (EDMPipeline with num_classes, "
+                             f"SCottPipeline); {args.pipeline} holds a {type(pipe).__name__}.")
+        if args.guidance_scale < 0:
+            raise ValueError(f"--guidance-scale must be >= 0 (1: no guidance), got {args.guidance_scale}.")
+        out["guidance_scale"] = args.guidance_scale
+    if args.class_label is not None:
+        unet = getattr(pipe, "unet", None)
+        embeds = getattr(getattr(unet, "config", None), "num_class_embeds", None)
+        if embeds is None:
+            raise ValueError(f"--class-label needs a class-conditional pipeline; {args.pipeline} is unconditional.")
+        num_classes = getattr(pipe.config, "num_classes", None) or embeds
+        if not 0 <= args.class_label < num_classes:
+            raise ValueError(f"--class-label must be in [0, {num_classes - 1}] for {args.pipeline}, got "
+                             f"{args.class_label}.")
+        out["class_labels"] = args.class_label
+    return out
+
+
+def _control_kwargs(pipe: DiffusionPipeline, args: argparse.Namespace) -> dict[str, Any]:
+    """``control`` from --control for an NCT pipeline: an integer label or an image file (read by the pipeline)."""
+    if args.control is None:
+        return {}
+    from ..pipelines import NCTPipeline
+
+    if not isinstance(pipe, NCTPipeline):
+        raise ValueError(f"--control applies to NCT pipelines (gensample train nct); {args.pipeline} holds a "
+                         f"{type(pipe).__name__}.")
+    value = args.control.strip()
+    if value.lstrip("-").isdigit():
+        return {"control": int(value)}
+    if not Path(value).is_file():
+        raise ValueError(f"--control {value!r} is neither a class label (an integer) nor an image file.")
+    from PIL import Image
+
+    with Image.open(value) as image:
+        return {"control": image.copy()}
 
 
 def cmd_sample(args: argparse.Namespace) -> Path:
@@ -119,6 +174,8 @@ def cmd_sample(args: argparse.Namespace) -> Path:
         if "gamma" in ctm_kwargs:
             check_gamma(ctm_kwargs["gamma"])
         kwargs.update(ctm_kwargs)
+    kwargs.update(_guidance_kwargs(pipe, args))
+    kwargs.update(_control_kwargs(pipe, args))
     folder = None
     if args.save_images:
         folder = Path(args.save_images)

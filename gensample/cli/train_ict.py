@@ -8,7 +8,15 @@ from __future__ import annotations
 
 import argparse
 
-from ._common import add_train_common, load_data_and_unet, run_training, seed_everything, set_cpu_threads, train_config
+from ._common import (
+    add_train_common,
+    load_data_and_unet,
+    load_labels,
+    run_training,
+    seed_everything,
+    set_cpu_threads,
+    train_config,
+)
 
 __all__ = ["add_arguments", "cmd_train_ict", "parse_args", "register"]
 
@@ -24,6 +32,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--distance", default="pseudo_huber", choices=["pseudo_huber", "pseudo_huber_elementwise", "l2"])
     p.add_argument("--sampling-sigmas", type=float, nargs="+", default=None,
                    help="tuned few-step schedule saved with the pipeline, e.g. 80 1.5")
+    p.add_argument("--class-conditional", action="store_true",
+                   help="train on the digits' labels (UNet with one class embedding per class, no null label); the "
+                        "pipeline then takes class_labels")
     # Small-data defaults tuned on the embedded digits (benchmarks/RESULTS.md, "iCT tuning"); the cosine decay is
     # ours, not the paper's (constant rate): at 8000 steps it halves the 1-step FID-digits.
     p.set_defaults(model="digits-small", learning_rate=1e-3, lr_schedule="cosine")
@@ -49,10 +60,14 @@ def cmd_train_ict(args: argparse.Namespace) -> dict:
 
     set_cpu_threads(args)
     seed_everything(args.seed)  # before anything is built: same flags, same weights
-    data, unet = load_data_and_unet(args)
+    labels, unet_overrides = None, {}
+    if getattr(args, "class_conditional", False):
+        labels, num_classes = load_labels(args)
+        unet_overrides["num_class_embeds"] = num_classes
+    data, unet = load_data_and_unet(args, **unet_overrides)
     method = ImprovedConsistencyTraining(
         unet, total_steps=args.curriculum_steps or args.max_steps, s0=args.s0, s1=args.s1, p_mean=args.p_mean,
         p_std=args.p_std, distance=args.distance, sampling_sigmas=args.sampling_sigmas)
     params = sum(p.numel() for p in unet.parameters())
     config = train_config(args, {"unet_parameters": params, "data": args.data})
-    return run_training(args, method, data, config, fid_steps=(1, 2))
+    return run_training(args, method, data, config, fid_steps=(1, 2), labels=labels)

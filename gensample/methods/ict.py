@@ -97,29 +97,29 @@ class ImprovedConsistencyTraining(TrainingMethod):
         return {"unet": self.model.backbone}
 
     def _student_teacher(self, x_student: torch.Tensor, sigma_student: torch.Tensor, x_teacher: torch.Tensor,
-                         sigma_teacher: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+                         sigma_teacher: torch.Tensor, **model_kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """Student f_theta(x_student) with grad; teacher f_theta(x_teacher) under no_grad, detached, with the same
         dropout mask: the RNG state of the device the dropout runs on (not only the CPU generator) is replayed for
         the teacher."""
         devices = _rng_devices(x_student)
         cpu_state = torch.get_rng_state()
         cuda_states = [torch.cuda.get_rng_state(d) for d in devices]
-        student = self.model(x_student, sigma_student)
+        student = self.model(x_student, sigma_student, **model_kwargs)
         with torch.random.fork_rng(devices=devices):
             torch.set_rng_state(cpu_state)
             for d, s in zip(devices, cuda_states):
                 torch.cuda.set_rng_state(s, d)
             with torch.no_grad():
-                teacher = self.model(x_teacher, sigma_teacher).detach()
+                teacher = self.model(x_teacher, sigma_teacher, **model_kwargs).detach()
         return student, teacher
 
     def pair_noise(self, x0: torch.Tensor, noise: torch.Tensor) -> torch.Tensor:
         """The noise z shared by student and teacher (iCT: as drawn; sLCT re-pairs it with the batch)."""
         return noise
 
-    def consistency_pair(self, x0: torch.Tensor, step: int) -> ConsistencyPair:
+    def consistency_pair(self, x0: torch.Tensor, step: int, **model_kwargs: Any) -> ConsistencyPair:
         """Draw i ~ p(i) and z, then evaluate student and teacher on the same z (random draws in this order: index,
-        noise, then the dropout masks)."""
+        noise, then the dropout masks). ``model_kwargs`` go to both network calls (e.g. ``class_labels``)."""
         sigmas, probs, weights = self.noise_grid(step)
         index = torch.multinomial(probs, x0.shape[0], replacement=True)
         sigma_teacher = sigmas[index].to(x0.device)
@@ -128,7 +128,7 @@ class ImprovedConsistencyTraining(TrainingMethod):
         noise = self.pair_noise(x0, torch.randn_like(x0))
         x_student = x0 + per_sample(sigma_student, x0).to(x0.dtype) * noise
         x_teacher = x0 + per_sample(sigma_teacher, x0).to(x0.dtype) * noise
-        student, teacher = self._student_teacher(x_student, sigma_student, x_teacher, sigma_teacher)
+        student, teacher = self._student_teacher(x_student, sigma_student, x_teacher, sigma_teacher, **model_kwargs)
         return ConsistencyPair(student, teacher, sigmas, index, sigma_student, weight)
 
     def distance_kwargs(self, step: int, num_dims: int) -> dict[str, float]:
@@ -138,7 +138,13 @@ class ImprovedConsistencyTraining(TrainingMethod):
         return {}
 
     def forward(self, x0: torch.Tensor, step: int, group: str = "model") -> dict[str, torch.Tensor]:
-        pair = self.consistency_pair(x0, step)
+        """``x0``: images, or the tuple (images, labels) of a labelled run (a class-conditional UNet: student and
+        teacher both get the sample's label)."""
+        model_kwargs = {}
+        if isinstance(x0, (tuple, list)):
+            x0, labels = x0
+            model_kwargs["class_labels"] = labels
+        pair = self.consistency_pair(x0, step, **model_kwargs)
         distance = self.distance(pair.student, pair.teacher, **self.distance_kwargs(step, x0[0].numel()))
         loss = (pair.weight * distance).mean()
         return {"loss": loss, "distance": distance.mean().detach(),
