@@ -186,7 +186,7 @@ def test_dual_step_sign_projection_and_checkpointed_lambda():
     method = _hand_method(distance="l2", lambda_init=1.0, dual_lr=0.1, xi=0.5)
     z, eps = torch.ones(1, 1, 2, 2), torch.zeros(1, 1, 2, 2)
     for _ in range(2):  # two micro-batches of one step: their mean boundary (2.25 each) enters the dual step
-        method._bound_sum += float(method.losses(z, eps, torch.tensor([0]))["boundary"])
+        method._bound_sum += float(method.losses(z, eps, torch.tensor([0]))["boundary"].detach())
         method._bound_count += 1
     method.after_optimizer_step(0)
     assert method.lam == pytest.approx(1.0 + 0.1 * (2.25 - 0.5))
