@@ -655,11 +655,15 @@ class Trainer:
     def save_samples(self, path: Path) -> Path:
         pipe = self.export_pipeline()
         pipe.set_progress_bar_config(disable=True)
+        # a method whose pipeline is not called as pipe(batch_size=...) (e.g. a text-to-image one needs prompts)
+        # provides sample_images(pipe, num_images, num_inference_steps, generator) -> images in [0, 1]
+        custom = getattr(self.accelerator.unwrap_model(self.model), "sample_images", None)
         rows = []
         for steps in self.config.sample_steps:
             g = torch.Generator().manual_seed(self.config.seed)
-            rows.append(pipe(batch_size=self.config.num_sample_images, num_inference_steps=steps, generator=g,
-                             output_type="pt").images)
+            n = self.config.num_sample_images
+            rows.append(custom(pipe, n, steps, g) if custom is not None else
+                        pipe(batch_size=n, num_inference_steps=steps, generator=g, output_type="pt").images)
         nrow = math.ceil(math.sqrt(self.config.num_sample_images))
         return save_image_grid(torch.cat(rows), path, nrow=nrow)
 
