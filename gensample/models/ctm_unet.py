@@ -34,6 +34,8 @@ from diffusers.models.embeddings import TimestepEmbedding
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from torch import nn
 
+from .teacher_init import build_from_teacher, copy_teacher_weights
+
 __all__ = ["CTMUNet2DModel", "init_from_teacher", "zero_s_embedding_output"]
 
 # save_pretrained / from_pretrained come from these bases of UNet2DModel (checked at import time, so a diffusers
@@ -66,11 +68,7 @@ class CTMUNet2DModel(UNet2DModel):
     @classmethod
     def from_teacher(cls, teacher: UNet2DModel) -> "CTMUNet2DModel":
         """A CTM backbone with ``teacher``'s configuration and weights (see :func:`init_from_teacher`)."""
-        config = {k: v for k, v in dict(teacher.config).items() if not k.startswith("_")}
-        student = cls(**config)
-        if student.dtype != teacher.dtype:
-            student = student.to(dtype=teacher.dtype)
-        student = student.to(teacher.device)
+        student = build_from_teacher(cls, teacher)
         init_from_teacher(student, teacher)
         return student
 
@@ -180,20 +178,6 @@ def init_from_teacher(ctm_unet: CTMUNet2DModel, teacher_unet: nn.Module) -> dict
     """
     if not isinstance(ctm_unet, CTMUNet2DModel):
         raise ValueError(f"ctm_unet must be a CTMUNet2DModel, got {type(ctm_unet).__name__}.")
-    student = ctm_unet.state_dict()
-    teacher = teacher_unet.state_dict()
-    missing = sorted(k for k in teacher if k not in student)
-    shapes = sorted(f"{k}: teacher {tuple(v.shape)} vs student {tuple(student[k].shape)}"
-                    for k, v in teacher.items() if k in student and student[k].shape != v.shape)
-    if missing or shapes:
-        raise ValueError(
-            "the teacher's architecture differs from the CTM backbone's; build the student with "
-            "CTMUNet2DModel.from_teacher(teacher) (or from teacher.config). "
-            f"Teacher tensors absent in the student: {missing[:8]}{' ...' if len(missing) > 8 else ''}; "
-            f"shape mismatches: {shapes[:8]}{' ...' if len(shapes) > 8 else ''}."
-        )
-    with torch.no_grad():
-        for k, v in teacher.items():
-            student[k].copy_(v)
+    report = copy_teacher_weights(ctm_unet, teacher_unet)
     zero_s_embedding_output(ctm_unet)
-    return {"copied": sorted(teacher), "not_in_teacher": sorted(k for k in student if k not in teacher)}
+    return report

@@ -31,6 +31,8 @@ from diffusers.models.embeddings import TimestepEmbedding
 from diffusers.models.unets.unet_2d import UNet2DOutput
 from torch import nn
 
+from .teacher_init import build_from_teacher, copy_teacher_weights
+
 __all__ = ["GUIDANCE_EMBEDDING_SCALE", "SCottStudentUNet", "init_from_teacher"]
 
 if not (issubclass(UNet2DModel, ModelMixin) and issubclass(UNet2DModel, ConfigMixin)):
@@ -75,11 +77,7 @@ class SCottStudentUNet(UNet2DModel):
     @classmethod
     def from_teacher(cls, teacher: UNet2DModel) -> "SCottStudentUNet":
         """A student with ``teacher``'s configuration and weights (:func:`init_from_teacher`)."""
-        config = {k: v for k, v in dict(teacher.config).items() if not k.startswith("_")}
-        student = cls(**config)
-        if student.dtype != teacher.dtype:
-            student = student.to(dtype=teacher.dtype)
-        student = student.to(teacher.device)
+        student = build_from_teacher(cls, teacher)
         init_from_teacher(student, teacher)
         return student
 
@@ -131,17 +129,6 @@ def init_from_teacher(student: SCottStudentUNet, teacher_unet: nn.Module) -> dic
     """
     if not isinstance(student, SCottStudentUNet):
         raise ValueError(f"student must be a SCottStudentUNet, got {type(student).__name__}.")
-    mine, theirs = student.state_dict(), teacher_unet.state_dict()
-    missing = sorted(k for k in theirs if k not in mine)
-    shapes = sorted(f"{k}: teacher {tuple(v.shape)} vs student {tuple(mine[k].shape)}"
-                    for k, v in theirs.items() if k in mine and mine[k].shape != v.shape)
-    if missing or shapes:
-        raise ValueError(
-            "the student's architecture differs from the teacher's; build it with SCottStudentUNet.from_teacher("
-            f"teacher) (or from teacher.config). Teacher tensors absent in the student: {missing[:8]}"
-            f"{' ...' if len(missing) > 8 else ''}; shape mismatches: {shapes[:8]}{' ...' if len(shapes) > 8 else ''}.")
-    with torch.no_grad():
-        for k, v in theirs.items():
-            mine[k].copy_(v)
+    report = copy_teacher_weights(student, teacher_unet)
     zero_guidance_projection(student)
-    return {"copied": sorted(theirs), "not_in_teacher": sorted(k for k in mine if k not in theirs)}
+    return report
