@@ -40,4 +40,7 @@ def test_outputs_equal_the_recorded_tensors(case, recorded):
                 f"{key}: sha256 {golden_cases.digest(value)} != recorded {golden_cases.digest(expected)}, "
                 f"max |diff| {float((value.double() - expected.double()).abs().max()):.3g}")
         else:
-            torch.testing.assert_close(value, expected, rtol=1e-5, atol=1e-5, msg=key)
+            # Motion guidance takes gradient steps through the UNet, which amplify rounding: an AVX512 run of the
+            # AVX2 recording differs by up to 1.9e-4 there (and by < 1e-6 in the unguided case).
+            tolerance = 1e-3 if key.endswith("_guided") else 1e-5
+            torch.testing.assert_close(value, expected, rtol=tolerance, atol=tolerance, msg=key)

@@ -4,7 +4,7 @@ This package only assembles the parser. Each command lives in its own module, wh
 (adds its subcommand(s), with ``func`` set to the handler) and imports ``_common`` and the library, never this
 package; so imports run one way: this module -> command modules -> library.
 
-    train ict / edm / ctm          train_ict, train_edm, train_ctm
+    train ict / ect / edm / ctm    train_ict, train_ect, train_edm, train_ctm
     train lct, train vae           train_lct
     train video-diffusion          train_video
     sample, video, demo            sample, video, demo
@@ -16,7 +16,8 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import demo, fid, sample, train_ctm, train_edm, train_ict, train_lct, train_nct, train_scott, train_video, video
+from . import demo, fid, sample, train_ctm, train_ect, train_edm, train_ict, train_lct, train_nct, train_scott, train_video
+from . import video
 from . import lcsc
 
 __all__ = ["build_parser", "main"]
@@ -24,7 +25,7 @@ __all__ = ["build_parser", "main"]
 DESCRIPTION = "gensample: train, sample, demo, video, fid and fid-stats for consistency models."
 
 # registration order = the order --help lists the subcommands in
-TRAIN_COMMANDS = (train_ict, train_edm, train_ctm, train_lct, train_video, train_nct, train_scott)
+TRAIN_COMMANDS = (train_ict, train_ect, train_edm, train_ctm, train_lct, train_video, train_nct, train_scott)
 COMMANDS = (sample, video, demo, fid, lcsc)
 
 

@@ -169,8 +169,10 @@ def load_data_and_unet(args: argparse.Namespace, **unet_overrides: Any) -> tuple
     channels = 1 if args.data == "digits" else (args.channels or 3)
     data = image_dataset(args.data, resolution, channels)
     if args.init_from:
+        # --dropout overrides the saved config (e.g. ECT tuning an EDM denoiser trained without dropout)
+        override = {} if args.dropout is None else {"dropout": args.dropout}
         unet = UNet2DModel.from_pretrained(Path(args.init_from) / "unet" if (Path(args.init_from) / "unet").is_dir()
-                                           else args.init_from)
+                                           else args.init_from, **override)
         if unet.config.sample_size != resolution or unet.config.in_channels != channels:
             raise ValueError(f"--init-from {args.init_from} is a {unet.config.in_channels}x{unet.config.sample_size}"
                              f" model but the data is {channels}x{resolution}; pass a matching --resolution.")

@@ -21,7 +21,7 @@ __all__ = [
     "SIGMA_MIN", "SIGMA_MAX", "SIGMA_DATA", "RHO", "karras_ramp", "karras_sigmas", "karras_sigmas_descending",
     "karras_sigma_at_descending_index", "default_sampling_sigmas", "edm_sigmas", "ict_num_sigmas",
     "lognormal_index_probabilities", "ict_loss_weighting", "vp_sigma_from_alpha_bar", "heun_step_probabilities",
-    "CTMTimes", "sample_ctm_times",
+    "CTMTimes", "sample_ctm_times", "sample_lognormal_sigmas", "ect_stage", "ect_pair_gap",
 ]
 
 
@@ -135,6 +135,39 @@ def lognormal_index_probabilities(sigmas: torch.Tensor, p_mean: float = -1.1, p_
 def ict_loss_weighting(sigmas: torch.Tensor) -> torch.Tensor:
     """lambda(sigma_i) = 1 / (sigma_{i+1} - sigma_i) for each adjacent pair of an ascending grid (iCT sec. 3.3)."""
     return 1.0 / (sigmas[1:] - sigmas[:-1])
+
+
+def sample_lognormal_sigmas(batch_size: int, p_mean: float, p_std: float,
+                            generator: torch.Generator | None = None) -> torch.Tensor:
+    """sigma = exp(P_mean + P_std n), n ~ N(0, 1), one per sample, float64 on the CPU: EDM's training noise (Karras et
+    al. 2022, sec. 5) and ECT's continuous t (Geng et al. 2025, sec. 3)."""
+    n = torch.randn(batch_size, dtype=torch.float64, generator=generator)
+    return (p_mean + p_std * n).exp()
+
+
+# -- ECT's continuous-time pairs (Geng et al., ICLR 2025, "Consistency Models Made Easy") -----------------------------
+def ect_stage(step: int, total_steps: int, num_stages: int = 8) -> int:
+    """The curriculum stage at ``step``: ``num_stages`` equal stages over ``total_steps`` (ECT doubles the stage
+    every ``double`` iterations, 8 stages over its CIFAR-10 run); the last stage holds from then on."""
+    if total_steps < 1 or num_stages < 1:
+        raise ValueError(f"need total_steps >= 1 and num_stages >= 1, got {total_steps}, {num_stages}.")
+    return int(min(max(step, 0) * num_stages // total_steps, num_stages - 1))
+
+
+def ect_pair_gap(t: torch.Tensor, stage: int, q: float = 2.0, k: float = 8.0, b: float = 1.0) -> torch.Tensor:
+    """t - r of ECT's "sigmoid" mapping (locuslab/ect ``ECMLoss.t_to_r``):
+
+        r = max(0, t (1 - q^-(stage+1) (1 + k sigmoid(-b t))))
+
+    so the gap is t q^-(stage+1) (1 + k sigmoid(-b t)), capped at t (r = 0: the target is the clean image, the
+    diffusion limit). Returned directly rather than as t - r, which cancels catastrophically once q^-(stage+1) is
+    below float precision. float64 in, float64 out.
+    """
+    if q <= 1:
+        raise ValueError(f"q must be > 1 (the gap shrinks by q per stage), got {q}.")
+    t = t.to(torch.float64)
+    gap = t * float(q) ** (-(stage + 1)) * (1 + k * torch.sigmoid(-b * t))
+    return torch.minimum(gap, t)
 
 
 def vp_sigma_from_alpha_bar(alpha_bar: torch.Tensor) -> torch.Tensor:

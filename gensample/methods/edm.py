@@ -24,7 +24,7 @@ from torch import nn
 
 from ..core.losses import edm_denoising_loss, squared_l2
 from ..core.parametrization import EDMDenoiser, per_sample
-from ..core.sigmas import RHO, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN
+from ..core.sigmas import RHO, SIGMA_DATA, SIGMA_MAX, SIGMA_MIN, sample_lognormal_sigmas
 from .base import TrainingMethod
 
 __all__ = ["EDMTraining"]
@@ -82,8 +82,7 @@ class EDMTraining(TrainingMethod):
 
     def sample_sigmas(self, batch_size: int, device: torch.device | str | None = None) -> torch.Tensor:
         """sigma = exp(P_mean + P_std n), n ~ N(0, 1), one per sample (float64; global torch RNG)."""
-        n = torch.randn(batch_size, dtype=torch.float64)
-        return (self.p_mean + self.p_std * n).exp().to(device)
+        return sample_lognormal_sigmas(batch_size, self.p_mean, self.p_std).to(device)
 
     def training_labels(self, labels: torch.Tensor) -> torch.Tensor:
         """``labels`` with each replaced by the null label K with probability ``label_dropout`` (global torch RNG)."""
