@@ -401,3 +401,33 @@ def test_digits_reference_at_another_resolution_goes_through_the_same_resize():
     assert abs(fid(train32, "digits@32", progress=False).fid) < 1e-6
     # against the 8-px reference the same real digits look far off: the resampling blur, not the data
     assert fid(train32, "digits", progress=False).fid > 100
+
+
+def test_fid_seeds_specs_and_reference_follow_the_images():
+    """scripts/fid_seeds.py: ':name=value' pipeline arguments reach the pipeline, and 32-px images are scored against
+    digits@32 (real 32-px digits score ~0 there, > 100 against the 8-px reference)."""
+    import importlib.util
+    from types import SimpleNamespace
+
+    from gensample.data.digits import load_digits
+
+    spec = importlib.util.spec_from_file_location("fid_seeds", REPO / "scripts" / "fid_seeds.py")
+    fid_seeds = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fid_seeds)
+    assert fid_seeds.parse_spec("2") == {"num_inference_steps": 2}
+    assert fid_seeds.parse_spec("80,1.2:gamma=0.5") == {"sigmas": [80.0, 1.2], "gamma": 0.5}
+    for bad in ("2:gamma", "2:gamma=high", "0"):
+        with pytest.raises(SystemExit):
+            fid_seeds.parse_spec(bad)
+
+    train32 = (load_digits("train", resolution=32) + 1) / 2
+    calls = []
+
+    def pipe(batch_size, generator, output_type, **kwargs):
+        calls.append(kwargs)
+        first = generator[0].initial_seed()  # image i comes from seed first_seed + i
+        return SimpleNamespace(images=train32[first:first + batch_size])
+
+    assert fid_seeds.score(pipe, "1:gamma=0.25", 0, len(train32), batch_size=500) < 1e-6
+    assert calls and all(c == {"num_inference_steps": 1, "gamma": 0.25} for c in calls)
+    assert fid_seeds.score(pipe, "1", 0, len(train32), reference="digits") > 100
