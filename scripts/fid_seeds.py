@@ -7,11 +7,11 @@ ones (issue #17's protocol).
 A sampling spec is either an integer (``num_inference_steps``: the pipeline's own schedule) or comma-separated
 descending sigmas (``pipe(sigmas=...)``, consistency pipelines), optionally followed by ``:name=value`` pipeline
 arguments, e.g. ``2:gamma=0.5`` for CTM's gamma-sampling. The reference is the train digits at the generated images'
-size (``digits`` for 8 px, ``digits@32`` for the 32-px latent models), unless ``--reference`` names one. Each ``--report`` spec is scored on
-``--seed-ranges`` (default 3 ranges of ``--num-images`` images: image i of range r uses seed r * num_images + i), and
-the mean and sample standard deviation are printed. ``--tune`` specs are scored once on seeds starting at
-``--tune-seed`` (default 100000, disjoint from every reported range); the best is then reported like the others as
-"tuned".
+size (``digits`` for 8 px, ``digits@32`` for the 32-px latent models), unless ``--reference`` names one. Each
+``--report`` spec is scored on ``--seed-ranges`` (default 3 ranges of ``--num-images`` images: image i of range r uses
+seed r * num_images + i), and the mean and sample standard deviation are printed. ``--tune`` specs are scored once
+on seeds starting at ``--tune-seed`` (default 100000, disjoint from every reported range); the best is then reported
+like the others as "tuned".
 """
 from __future__ import annotations
 
@@ -23,7 +23,7 @@ from pathlib import Path
 import torch
 
 from gensample import load_pipeline
-from gensample.metrics.fid import fid
+from gensample.metrics.fid import digits_reference_for, fid
 
 
 def parse_spec(spec: str) -> dict:
@@ -64,10 +64,7 @@ def score(pipe, spec: str, first_seed: int, num_images: int, batch_size: int = 5
         generators = [torch.Generator().manual_seed(first_seed + i) for i in range(start, stop)]
         images.append(pipe(batch_size=stop - start, generator=generators, output_type="pt", **kwargs).images)
     images = torch.cat(images)
-    if reference is None:
-        size = images.shape[-1]
-        reference = "digits" if size == 8 else f"digits@{size}"
-    return float(fid(images, reference, progress=False).fid)
+    return float(fid(images, reference or digits_reference_for(images.shape[-1]), progress=False).fid)
 
 
 def main() -> None:

@@ -151,13 +151,13 @@ def _default_reference(args: argparse.Namespace, info: dict, pipeline, fitness_k
                          "--feature inception --inception-weights FILE.")
     import torch
 
-    from ..metrics.fid import per_image_inputs
+    from ..metrics.fid import digits_reference_for, per_image_inputs
 
     pipeline.set_progress_bar_config(disable=True)
     with torch.no_grad():  # one sample tells the output size (latent models decode to more pixels than they model)
         size = pipeline(batch_size=1, num_inference_steps=1, output_type="pt", **per_image_inputs(pipeline, [0]),
                         **fitness_kwargs).images.shape[-1]
-    return "digits" if size == 8 else f"digits@{size}"
+    return digits_reference_for(size)
 
 
 def _nfe(pipeline, steps: int) -> int:

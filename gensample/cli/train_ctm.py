@@ -58,9 +58,10 @@ def register(train_subparsers: argparse._SubParsersAction) -> None:
     ctm.add_argument("--lpips-pooling", choices=["max", "avg"], default="max",
                      help="VGG pooling: max (LPIPS) or avg (sony/ctm's piq LPIPS(replace_pooling=True))")
     ctm.add_argument("--huber-c", type=float, default=None, help="pseudo-Huber c (default 0.00054 sqrt(d))")
-    ctm.add_argument("--dsm-weight", type=float, default=1.0, help="weight of the DSM term (0 disables it). The paper's 1 is the default; on "
-                     "the digits at 2,000 steps 0 was better at 1, 2 and 4 NFE and made 2/4 NFE beat 1 (see "
-                     "benchmarks/RESULTS.md, issue #17)")
+    ctm.add_argument("--dsm-weight", type=float, default=1.0,
+                     help="weight of the DSM term (0 disables it). The paper's 1 is the default; on the digits at "
+                     "2,000 steps 0 was better at 1, 2 and 4 NFE and made 2/4 NFE beat 1 (benchmarks/RESULTS.md, "
+                     "issue #17)")
     ctm.add_argument("--dsm-p-mean", type=float, default=-1.2, help="log-normal half of the DSM sigmas: mean")
     ctm.add_argument("--dsm-p-std", type=float, default=1.2, help="log-normal half of the DSM sigmas: std")
     ctm.add_argument("--gan", action="store_true", help="add the GAN term (discriminator on alternate steps)")

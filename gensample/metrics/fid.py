@@ -644,6 +644,12 @@ def parse_digits_reference(ref: str) -> tuple[str, int]:
     return split, resolution
 
 
+def digits_reference_for(size: int) -> str:
+    """The train-digits reference for generated images of ``size`` pixels: "digits" at the native 8 px, else
+    "digits@size", so both sides pass through the same resize (see :func:`parse_digits_reference`)."""
+    return "digits" if size == 8 else f"digits@{size}"
+
+
 def digits_images(split: str = "train", resolution: int = 8) -> torch.Tensor:
     """The embedded digits as uint8 (N, 1, r, r): round(255 (x + 1) / 2), at ``resolution`` as the training data
     at that size is made (:func:`gensample.data.load_digits`, bilinear).
