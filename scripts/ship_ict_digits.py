@@ -59,9 +59,9 @@ def evaluation_text(fid: dict, run_name: str, demo: dict[int, float], heldout: d
         rows.append(f"| {label} | **{r['mean']:.2f} +- {r['std']:.2f}** | "
                     + " / ".join(f"{v:.2f}" for v in r["values"]) + " |")
     tuning = ", ".join(f"({k.replace(',', ', ')}) {v:.2f}" for k, v in fid.get("tuning", {}).items())
-    text = (f"FID-digits (the embedded 8x8-digits feature network) against the train split, {n} images per seed range, "
-            f"{ranges} ranges (image i of range r from seed {n} r + i), as in benchmarks/RESULTS.md (\"iCT vs EDM vs "
-            f"ECT with seed spreads\", run {run_name}):\n\n" + "\n".join(rows))
+    text = (f"FID-digits (the embedded 8x8-digits feature network) against the train split, {n} images per seed "
+            f"range, {ranges} ranges (image i of range r from seed {n} r + i), as in benchmarks/RESULTS.md "
+            f"(\"iCT vs EDM vs ECT with seed spreads\", run {run_name}):\n\n" + "\n".join(rows))
     if tuning:
         text += (f"\n\nThe 2-step schedule was chosen on {n} images from seed {fid.get('tune_seed')} (disjoint from "
                  f"the reported ones): {tuning}; it is saved in the scheduler config (`sampling_sigmas`).")
@@ -127,8 +127,9 @@ def main(argv: list[str] | None = None) -> None:
 
     pipe = load_pipeline(target)
     card = model_card(
-        pipe, load_path='asset_path("pipelines", "ict-digits")', usage_imports=["from gensample.assets import asset_path"],
-        method="ict", run_config=run_config, command=command,
+        pipe, load_path='asset_path("pipelines", "ict-digits")',
+        usage_imports=["from gensample.assets import asset_path"], method="ict", run_config=run_config,
+        command=command,
         command_note=f"recorded in training_run_config.json; benchmarks/RESULTS.md run {args.run_name}",
         budget={"steps": train["max_steps"], "seconds": _run_seconds(run), "device": args.budget_note},
         results=evaluation_text(fid, args.run_name, _pairs(args.demo_fid, "--demo-fid"),
