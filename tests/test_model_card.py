@@ -120,3 +120,45 @@ def test_shipped_folders_have_cards_that_match_their_schedulers(name):
                 assert f"| {n} | sigmas " in text and f"`timesteps={scheduler.diffusers_timesteps(n)}`" in text
             except ValueError as e:
                 assert str(e) in text
+
+
+def test_ship_ict_digits_writes_the_tuned_schedule_and_the_seed_spread_card(tmp_path):
+    """scripts/ship_ict_digits.py: the tuned spec of the fid_seeds JSON becomes the scheduler's sampling_sigmas (the
+    2-step pipeline then samples at it), the card quotes the command the run's card recorded and the reported figures, and a run of
+    another method is refused."""
+    import importlib.util
+    from pathlib import Path
+
+    repo = Path(__file__).resolve().parents[1]
+    spec = importlib.util.spec_from_file_location("ship_ict_digits", repo / "scripts" / "ship_ict_digits.py")
+    ship = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(ship)
+
+    run = tmp_path / "run"
+    assert main(["train", "ict", "--data", "digits", "--model", "tiny", "--max-steps", "2", "--batch-size", "8",
+                 "--checkpoint-every", "2", "--num-sample-images", "4", "--no-progress", "--threads", "1",
+                 "--output", str(run)]) == 0
+    fid = {"num_images": 50, "seed_ranges": 3, "tune_seed": 100000, "tuning": {"80,0.7": 9.5, "80,1.2": 11.0},
+           "report": {"1": {"values": [3.0, 4.0, 5.0], "mean": 4.0, "std": 1.0},
+                      "80,0.7": {"values": [1.5, 2.5, 3.5], "mean": 2.5, "std": 1.0}}, "tuned": "80,0.7"}
+    (tmp_path / "fid.json").write_text(json.dumps(fid))
+    target = tmp_path / "shipped"
+    ship.main([str(run), "--fid-json", str(tmp_path / "fid.json"), "--run-name", "T", "--demo-fid", "1=7.25",
+               "--target", str(target)])
+
+    assert json.loads((target / "scheduler" / "scheduler_config.json").read_text())["sampling_sigmas"] == [80.0, 0.7]
+    pipe = ConsistencyPipeline.from_pretrained(target)
+    pipe.scheduler.set_timesteps(2)
+    assert pipe.scheduler.sigmas[:2].tolist() == pytest.approx([80.0, 0.7])
+    card = (target / "README.md").read_text()
+    run_command = next(ln for ln in (run / "pipeline" / "README.md").read_text().splitlines()
+                       if ln.startswith("- Command: `")).split("`")[1]
+    assert f"- Command: `{run_command}` (recorded in training_run_config.json" in card
+    assert "| 2 | sigmas [80, 0.7, 0.002] |" in card
+    assert "**2.50 +- 1.00** | 1.50 / 2.50 / 3.50 |" in card and "1 step 7.25" in card
+    assert json.loads((target / "training_run_config.json").read_text())["command"] == run_command
+
+    other = json.loads((run / "run_config.json").read_text())
+    (run / "run_config.json").write_text(json.dumps({**other, "method": "edm"}))
+    with pytest.raises(SystemExit, match="ict-digits ships an iCT model"):
+        ship.main([str(run), "--fid-json", str(tmp_path / "fid.json"), "--run-name", "T", "--target", str(target)])
