@@ -124,8 +124,8 @@ def test_shipped_folders_have_cards_that_match_their_schedulers(name):
 
 def test_ship_ict_digits_writes_the_tuned_schedule_and_the_seed_spread_card(tmp_path):
     """scripts/ship_ict_digits.py: the tuned spec of the fid_seeds JSON becomes the scheduler's sampling_sigmas (the
-    2-step pipeline then samples at it), the card quotes the command the run's card recorded and the reported figures, and a run of
-    another method is refused."""
+    2-step pipeline then samples at it), the card quotes the command the run's card recorded and the reported
+    figures, and a run of another method is refused."""
     import importlib.util
     from pathlib import Path
 
