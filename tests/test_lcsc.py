@@ -309,3 +309,19 @@ def test_two_process_lcsc_search_matches_single_process(tiny_run, tmp_path):
     assert two["coefficients"] == one["coefficients"]
     # the processes' batches hold other images than the single process' (9 + 8 vs 5 + 5 + 5 + 2): float round-off
     assert two["search"]["best_fitness"] == pytest.approx(one["search"]["best_fitness"], rel=1e-6)
+
+
+def test_run_info_sums_the_legs_of_a_resumed_run(tmp_path):
+    """gensample.training.run_info: the wall time is the sum of every leg's "end" record (a run trained in legs),
+    the steps those of the last leg; a torn line (a run killed mid-write) is skipped, not fatal."""
+    from gensample.training.run_info import run_info
+
+    (tmp_path / "run_config.json").write_text(json.dumps({"method": "ict", "train": {"ema_rate": 0.999,
+                                                                                     "extra": {"data": "digits"}}}))
+    (tmp_path / "train_log.jsonl").write_text("\n".join([
+        json.dumps({"event": "start", "step": 0}), json.dumps({"event": "end", "steps": 100, "seconds": 12.5}),
+        '{"event": "end", "steps": 1', json.dumps({"event": "end", "steps": 250, "seconds": 30.0})]) + "\n")
+    info = run_info(tmp_path)
+    assert info == {"method": "ict", "data": "digits", "ema_rate": 0.999, "training_seconds": 42.5,
+                    "training_steps": 250}
+    assert run_info(tmp_path / "missing")["training_seconds"] is None

@@ -97,31 +97,6 @@ def register(subparsers: argparse._SubParsersAction) -> None:
 # Run folder
 
 
-def _run_info(run: Path) -> dict[str, Any]:
-    """run_config.json (method, data) and the training wall time summed over the legs in train_log.jsonl."""
-    info: dict[str, Any] = {"method": None, "data": None, "training_seconds": None, "training_steps": None}
-    config = run / "run_config.json"
-    if config.is_file():
-        cfg = json.loads(config.read_text())
-        info["method"] = cfg.get("method")
-        info["data"] = (cfg.get("train", {}).get("extra") or {}).get("data")
-        info["ema_rate"] = cfg.get("train", {}).get("ema_rate")
-    log = run / "train_log.jsonl"
-    if log.is_file():
-        ends = []
-        for line in log.read_text().splitlines():
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if record.get("event") == "end":
-                ends.append(record)
-        if ends:
-            info["training_seconds"] = sum(float(r.get("seconds", 0.0)) for r in ends)
-            info["training_steps"] = ends[-1].get("steps")
-    return info
-
-
 def _load_snapshots(run: Path, args: argparse.Namespace, method: str | None):
     from ..training.snapshots import list_snapshots, load_snapshot
 
@@ -299,7 +274,9 @@ def run_lcsc(args: argparse.Namespace) -> int:
     device = args.device or str(state.device)
     progress = main and not args.no_progress
 
-    info = _run_info(run)
+    from ..training.run_info import run_info
+
+    info = run_info(run)
     steps, paths, snapshots = _load_snapshots(run, args, info["method"])
     components = sorted({k.partition(".")[0] for k in snapshots[-1]})
     pipeline = load_pipeline(run / "pipeline").to(device)
